@@ -1,0 +1,1 @@
+"""AWS Neuron backend: NxDI model ports, imported lazily (never on CPU)."""

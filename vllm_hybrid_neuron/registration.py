@@ -1,0 +1,75 @@
+"""The plugin's one hook into vLLM: pick a backend and register the model classes.
+
+vLLM loads general plugins in every process it starts (API server, engine core,
+workers, the model-inspection subprocess), so ``register()`` must be idempotent
+and cheap: architectures are registered as lazy ``"module:Class"`` strings.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm_hybrid_neuron import __version__, envs
+
+logger = logging.getLogger("vllm_hybrid_neuron")
+
+# Architecture name -> "module:Class" of the plugin's CPU model classes.
+CPU_MODELS: dict[str, str] = {
+    "GraniteMoeHybridForCausalLM":
+        "vllm_hybrid_neuron.cpu.models.granite_moe_hybrid:GraniteMoeHybridForCausalLM",
+    "Qwen3_5MoeForCausalLM":
+        "vllm_hybrid_neuron.cpu.models.qwen3_5_moe:Qwen3_5MoeForCausalLM",
+    "Qwen3_5MoeForConditionalGeneration":
+        "vllm_hybrid_neuron.cpu.models.qwen3_5_moe:Qwen3_5MoeForConditionalGeneration",
+    "Gemma4ForCausalLM":
+        "vllm_hybrid_neuron.cpu.models.gemma4:Gemma4ForCausalLM",
+    "Gemma4ForConditionalGeneration":
+        "vllm_hybrid_neuron.cpu.models.gemma4:Gemma4ForConditionalGeneration",
+}
+ARCHITECTURES = tuple(CPU_MODELS)
+
+_state: dict[str, str | None] = {"backend": None}
+
+
+def resolve_backend() -> str:
+    """"cpu" or "neuron": the env override if set, else the platform vLLM resolved."""
+    requested = envs.backend_override()
+    if requested != "auto":
+        return requested
+    from vllm.platforms import current_platform
+
+    return "neuron" if current_platform.device_type == "neuron" else "cpu"
+
+
+def current_backend() -> str | None:
+    """The backend this process registered, or None before ``register()``."""
+    return _state["backend"]
+
+
+def register() -> None:
+    if _state["backend"] is not None:
+        return
+    backend = resolve_backend()
+    if backend == "neuron":
+        from vllm_hybrid_neuron.neuron.registration import register_neuron_models
+
+        register_neuron_models()
+    else:
+        _register_cpu_models()
+    _state["backend"] = backend
+    logger.info(
+        "vllm-hybrid-neuron %s: backend=%s, architectures: %s",
+        __version__, backend, ", ".join(ARCHITECTURES),
+    )
+
+
+def _register_cpu_models() -> None:
+    from vllm import ModelRegistry
+
+    from vllm_hybrid_neuron.compat import torchvision_cpu
+
+    # Qwen3.5's vLLM module imports transformers' image processors, which import
+    # torchvision; make that import work even where the venv lacks the .pth hook.
+    torchvision_cpu.install()
+    for arch, target in CPU_MODELS.items():
+        ModelRegistry.register_model(arch, target)

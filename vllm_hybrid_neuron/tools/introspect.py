@@ -1,0 +1,9 @@
+"""Functions to run inside vLLM workers (``LLM.apply_model``) to see what served."""
+
+from __future__ import annotations
+
+
+def model_class_path(model) -> str:
+    """``"module:Class"`` of the model instance a worker holds."""
+    cls = type(model)
+    return f"{cls.__module__}:{cls.__qualname__}"

@@ -1,0 +1,194 @@
+"""Build random-weight checkpoints of the three hybrid families, offline and deterministic.
+
+    python -m vllm_hybrid_neuron.tools.tiny --family granite --out /tmp/tiny-granite
+    python -m vllm_hybrid_neuron.tools.tiny --family qwen3_5 --preset qwen3.5-35b-a3b \\
+        --set num_hidden_layers=4 --out /tmp/qwen-wide
+
+Each checkpoint is a transformers model created from its config with a fixed seed,
+saved as safetensors beside an offline byte-level BPE tokenizer with a chat template.
+The "tiny" presets exercise the hard parts of each family; the named presets use real
+layer widths (override the layer count with --set for benchmarks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("granite", "qwen3_5", "gemma4")
+
+ARCHITECTURE = {
+    "granite": "GraniteMoeHybridForCausalLM",
+    "qwen3_5": "Qwen3_5MoeForCausalLM",
+    "gemma4": "Gemma4ForCausalLM",
+}
+
+# Each preset: config keyword arguments for the family's transformers config class.
+# vLLM's CPU attention takes head dims 32, 64, 80, ..., 256, 512 only.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "granite": {
+        # Mamba2 + attention layers, n_groups 2, MoE top-2 of 8 + shared expert, NoPE.
+        "tiny": dict(
+            vocab_size=512, hidden_size=128, num_hidden_layers=4,
+            layer_types=["linear_attention", "full_attention", "linear_attention",
+                         "linear_attention"],
+            num_attention_heads=4, num_key_value_heads=2,
+            mamba_n_heads=8, mamba_d_head=32, mamba_n_groups=2, mamba_d_state=16,
+            mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=64,
+            intermediate_size=32, shared_intermediate_size=64,
+            num_local_experts=8, num_experts_per_tok=2,
+            embedding_multiplier=12.0, logits_scaling=2.0, residual_multiplier=0.5,
+            attention_multiplier=0.03125, position_embedding_type="nope",
+            max_position_embeddings=4096, initializer_range=0.05,
+        ),
+        # granite-4.0-h-tiny widths: 40 layers (4 attention), 64 experts top-6.
+        "granite-4.0-h-tiny": dict(
+            vocab_size=100352, hidden_size=1536, num_hidden_layers=40,
+            num_attention_heads=12, num_key_value_heads=4,
+            mamba_n_heads=48, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128,
+            mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=256,
+            intermediate_size=512, shared_intermediate_size=1024,
+            num_local_experts=64, num_experts_per_tok=6,
+            embedding_multiplier=12.0, logits_scaling=6.0, residual_multiplier=0.22,
+            attention_multiplier=0.0078125, position_embedding_type="nope",
+            max_position_embeddings=131072, initializer_range=0.02,
+        ),
+    },
+    "qwen3_5": {
+        # 3 Gated DeltaNet + 1 gated full-attention layer; 4 value heads over 2 key heads;
+        # MoE top-2 of 8 + sigmoid-gated shared expert; partial RoPE.
+        "tiny": dict(
+            vocab_size=512, hidden_size=64, num_hidden_layers=4,
+            layer_types=["linear_attention", "linear_attention", "linear_attention",
+                         "full_attention"],
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            linear_num_key_heads=2, linear_num_value_heads=4,
+            linear_key_head_dim=64, linear_value_head_dim=64, linear_conv_kernel_dim=4,
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            max_position_embeddings=4096, initializer_range=0.05,
+        ),
+        # Qwen3.5-35B-A3B widths: 16 key / 32 value heads of 128, 256 experts top-8.
+        "qwen3.5-35b-a3b": dict(
+            vocab_size=248320, hidden_size=2048, num_hidden_layers=40,
+            num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+            linear_num_key_heads=16, linear_num_value_heads=32,
+            linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+            num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+            shared_expert_intermediate_size=512,
+            max_position_embeddings=32768, initializer_range=0.02,
+        ),
+    },
+    "gemma4": {
+        # Sliding (head_dim 32) and global (head_dim 64, k_eq_v, 1 KV head) layers,
+        # MoE block, softcapping; sliding window 32 so long prompts slide.
+        "tiny": dict(
+            vocab_size=512, hidden_size=64, num_hidden_layers=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                         "full_attention"],
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            global_head_dim=64, num_global_key_value_heads=1, attention_k_eq_v=True,
+            sliding_window=32, intermediate_size=64, hidden_size_per_layer_input=0,
+            enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+            final_logit_softcapping=30.0,
+            max_position_embeddings=4096, initializer_range=0.05,
+        ),
+    },
+}
+
+
+def _config(family: str, overrides: dict[str, Any]):
+    from transformers import Gemma4TextConfig, GraniteMoeHybridConfig, Qwen3_5MoeTextConfig
+
+    cls = {"granite": GraniteMoeHybridConfig, "qwen3_5": Qwen3_5MoeTextConfig,
+           "gemma4": Gemma4TextConfig}[family]
+    kwargs = dict(overrides)
+    n_layers = kwargs.get("num_hidden_layers")
+    if "layer_types" in kwargs and n_layers and len(kwargs["layer_types"]) != n_layers:
+        kwargs["layer_types"] = _stretch_layer_types(kwargs["layer_types"], n_layers)
+    config = cls(**kwargs)
+    config.architectures = [ARCHITECTURE[family]]
+    return config
+
+
+def _stretch_layer_types(pattern: list[str], n_layers: int) -> list[str]:
+    """Repeat a layer pattern to n_layers, keeping the last layer's type last."""
+    types = [pattern[i % len(pattern)] for i in range(n_layers)]
+    types[-1] = pattern[-1]
+    return types
+
+
+def _randomize_unit_params(model, generator) -> None:
+    """Norm weights, layer scalars and Mamba D start as constants; make them random
+    so a wrong formula can't hide behind an all-ones weight."""
+    import torch
+
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            leaf = name.rsplit(".", 1)[-1]
+            if "norm" in name and leaf == "weight":
+                tensor.add_(0.2 * torch.randn(tensor.shape, generator=generator))
+            elif leaf in ("layer_scalar", "D"):
+                tensor.mul_(0.5 + torch.rand(tensor.shape, generator=generator))
+
+
+def build(family: str, out: str | Path, preset: str = "tiny", seed: int = 0,
+          overrides: dict[str, Any] | None = None) -> Path:
+    """Write config, safetensors weights and tokenizer for ``family`` to ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_hybrid_neuron.tools.tokenizer import save_tokenizer
+
+    if family not in PRESETS:
+        raise ValueError(f"family={family!r}: choose one of {', '.join(FAMILIES)}")
+    if preset not in PRESETS[family]:
+        raise ValueError(
+            f"preset={preset!r} for {family}: choose one of {', '.join(PRESETS[family])}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = {**PRESETS[family][preset], **(overrides or {})}
+
+    ids = save_tokenizer(kwargs["vocab_size"], out)
+    config = _config(family, {**kwargs, **ids})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize_unit_params(model, torch.Generator().manual_seed(seed + 1))
+    model.generation_config.update(**ids)
+    model.save_pretrained(str(out), safe_serialization=True)
+    (out / "tiny_model.json").write_text(json.dumps(
+        {"family": family, "preset": preset, "seed": seed, "overrides": overrides or {}},
+        indent=2) + "\n")
+    return out
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", required=True, choices=FAMILIES)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (JSON value), repeatable")
+    args = parser.parse_args(argv)
+    path = build(args.family, args.out, args.preset, args.seed, _parse_set(args.set))
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
