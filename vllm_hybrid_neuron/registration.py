@@ -11,7 +11,8 @@ import logging
 
 from vllm_hybrid_neuron import __version__, envs
 
-logger = logging.getLogger("vllm_hybrid_neuron")
+# A child of vLLM's "vllm" logger, so its handler and format apply.
+logger = logging.getLogger("vllm.hybrid_neuron")
 
 # Architecture name -> "module:Class" of the plugin's CPU model classes.
 CPU_MODELS: dict[str, str] = {

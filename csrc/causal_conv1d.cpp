@@ -1,0 +1,189 @@
+// Depthwise causal conv1d for Mamba2 / GDN: varlen prefill and (speculative) decode.
+// Channels are processed in blocks of kCB; every token is one vectorised pass over a block.
+#include "common.h"
+
+namespace vhn {
+namespace {
+
+constexpr int64_t kCB = 64;   // channels per work item
+constexpr int64_t kMaxW = 8;  // kernel width limit
+
+// out[c] = act(bias[c] + sum_j w[j][c] * win[j][c]) over one channel block.
+inline void conv_block(const float (*w)[kCB], const float* bias, float* const* win, int64_t W,
+                       bool silu, float* out) {
+  for (int64_t c = 0; c < kCB; c += kVecF) {
+    fVec acc = fVec::loadu(bias + c);
+    for (int64_t j = 0; j < W; ++j)
+      acc = at::vec::fmadd(fVec::loadu(w[j] + c), fVec::loadu(win[j] + c), acc);
+    if (silu) acc = acc / (fVec(1.f) + acc.neg().exp());
+    acc.store(out + c);
+  }
+}
+
+struct Params {
+  float w[kMaxW][kCB];
+  float b[kCB];
+};
+
+inline void load_params(Params& p, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                        int64_t c0, int64_t nc, int64_t W) {
+  const int64_t sw0 = weight.stride(0), sw1 = weight.stride(1);
+  for (int64_t j = 0; j < W; ++j)
+    for (int64_t c = 0; c < kCB; ++c) p.w[j][c] = c < nc ? getf(weight, (c0 + c) * sw0 + j * sw1) : 0.f;
+  for (int64_t c = 0; c < kCB; ++c)
+    p.b[c] = (bias.has_value() && c < nc) ? getf(*bias, (c0 + c) * bias->stride(0)) : 0.f;
+}
+
+template <typename T>
+void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                   at::Tensor& conv_states, const at::Tensor& qsl, const c10::optional<at::Tensor>& cache_indices,
+                   const c10::optional<at::Tensor>& has_init, bool silu, int64_t pad_slot_id, at::Tensor& out) {
+  const int64_t dim = x.size(0), W = weight.size(1), SL = W - 1;
+  const int64_t batch = qsl.size(0) - 1, nblk = (dim + kCB - 1) / kCB;
+  const T* xp = x.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  T* sp = conv_states.mutable_data_ptr<T>();
+  const int64_t sxd = x.stride(0), sxt = x.stride(1), sod = out.stride(0), sot = out.stride(1);
+  const int64_t ss0 = conv_states.stride(0), ss1 = conv_states.stride(1), ss2 = conv_states.stride(2);
+  at::parallel_for(0, batch * nblk, 1, [&](int64_t begin, int64_t end) {
+    Params p;
+    alignas(64) float hist[kMaxW][kCB];
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t s = it / nblk, c0 = (it % nblk) * kCB, nc = std::min(kCB, dim - c0);
+      const int64_t bos = geti(qsl, s), eos = geti(qsl, s + 1);
+      if (eos <= bos) continue;
+      const int64_t slot = cache_indices.has_value() ? geti(*cache_indices, s * cache_indices->stride(0)) : s;
+      if (slot == pad_slot_id || slot < 0) continue;
+      load_params(p, weight, bias, c0, nc, W);
+      const bool init = has_init.has_value() && geti(*has_init, s * has_init->stride(0)) != 0;
+      T* st = sp + slot * ss0 + c0 * ss1;
+      for (int64_t j = 0; j < SL; ++j)
+        for (int64_t c = 0; c < kCB; ++c) hist[j][c] = (init && c < nc) ? tof(st[c * ss1 + j * ss2]) : 0.f;
+      float* win[kMaxW];
+      for (int64_t j = 0; j < W; ++j) win[j] = hist[j];
+      alignas(64) float res[kCB];
+      for (int64_t t = bos; t < eos; ++t) {
+        float* cur = win[SL];
+        const T* xt = xp + t * sxt + c0 * sxd;
+        for (int64_t c = 0; c < kCB; ++c) cur[c] = c < nc ? tof(xt[c * sxd]) : 0.f;
+        conv_block(p.w, p.b, win, W, silu, res);
+        T* ot = op + t * sot + c0 * sod;
+        for (int64_t c = 0; c < nc; ++c) ot[c * sod] = T(res[c]);
+        float* first = win[0];  // rotate the window
+        for (int64_t j = 0; j < SL; ++j) win[j] = win[j + 1];
+        win[SL] = first;
+      }
+      // final state: the last SL inputs (zero padded / initial state when the seq is short)
+      for (int64_t j = 0; j < SL; ++j)
+        for (int64_t c = 0; c < nc; ++c) st[c * ss1 + j * ss2] = T(win[j][c]);
+    }
+  });
+}
+
+void causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       at::Tensor& conv_states, const at::Tensor& query_start_loc,
+                       const c10::optional<at::Tensor>& cache_indices, const c10::optional<at::Tensor>& has_initial_state,
+                       bool silu, int64_t pad_slot_id, at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 2 && out.sizes() == x.sizes(), "causal_conv1d_fwd: x/out must be (dim, tokens)");
+  TORCH_CHECK(x.scalar_type() == conv_states.scalar_type() && out.scalar_type() == x.scalar_type(),
+              "causal_conv1d_fwd: x, out and conv_states must share a dtype");
+  TORCH_CHECK(weight.size(1) >= 2 && weight.size(1) <= kMaxW, "causal_conv1d_fwd: width 2..8");
+  TORCH_CHECK(conv_states.size(2) >= weight.size(1) - 1, "causal_conv1d_fwd: conv state too short");
+  auto qsl = query_start_loc.contiguous();
+  VHN_DISPATCH_FB(x.scalar_type(), T, [&] {
+    conv_fwd_impl<T>(x, weight, bias, conv_states, qsl, cache_indices, has_initial_state, silu, pad_slot_id, out);
+  });
+}
+
+template <typename T>
+void conv_update_impl(const at::Tensor& x, at::Tensor& cs, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias, bool silu, const c10::optional<at::Tensor>& idx,
+                      const c10::optional<at::Tensor>& nacc, const c10::optional<at::Tensor>& qsl,
+                      int64_t max_query_len, int64_t null_block_id, at::Tensor& out) {
+  const int64_t dim = x.size(1), W = weight.size(1);
+  const bool varlen = qsl.has_value(), spec = nacc.has_value();
+  const int64_t batch = varlen ? qsl->size(0) - 1 : x.size(0);
+  const int64_t Lmax = varlen ? max_query_len : x.size(2);
+  const int64_t S_eff = (W - 1) + (spec ? Lmax - 1 : 0);
+  const int64_t nblk = (dim + kCB - 1) / kCB;
+  const T* xp = x.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  T* sp = cs.mutable_data_ptr<T>();
+  const int64_t sxb = x.stride(0), sxd = x.stride(1), sxt = x.stride(2);
+  const int64_t sob = out.stride(0), sod = out.stride(1), sot = out.stride(2);
+  const int64_t ss0 = cs.stride(0), ss1 = cs.stride(1), ss2 = cs.stride(2), SLmax = cs.size(2);
+  at::parallel_for(0, batch * nblk, 1, [&](int64_t begin, int64_t end) {
+    Params p;
+    // window + tokens, then the new state, all as float rows of one channel block
+    constexpr int64_t kMaxRows = 64;
+    alignas(64) float rows[kMaxRows][kCB];
+    alignas(64) float res[kCB];
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = it / nblk, c0 = (it % nblk) * kCB, nc = std::min(kCB, dim - c0);
+      int64_t bos = 0, L = Lmax;
+      const T* xb = xp + b * sxb;
+      T* ob = op + b * sob;
+      if (varlen) {
+        bos = geti(*qsl, b);
+        L = geti(*qsl, b + 1) - bos;
+        xb = xp + bos * sxt;
+        ob = op + bos * sot;
+      }
+      if (L <= 0) continue;
+      const int64_t slot = idx.has_value() ? geti(*idx, b * idx->stride(0)) : b;
+      if (slot == null_block_id || slot < 0) continue;
+      const int64_t off = spec ? geti(*nacc, b * nacc->stride(0)) - 1 : 0;
+      const int64_t S_b = S_eff - (Lmax - L);
+      TORCH_CHECK(W - 1 + L <= kMaxRows && off >= 0 && off + W - 1 <= SLmax && S_b <= SLmax,
+                  "causal_conv1d_update: bad num_accepted_tokens / query length");
+      load_params(p, weight, bias, c0, nc, W);
+      T* st = sp + slot * ss0 + c0 * ss1;
+      // rows[0..W-2] = window at `off`, rows[W-1..W-2+L] = the new tokens
+      for (int64_t j = 0; j < W - 1; ++j)
+        for (int64_t c = 0; c < kCB; ++c) rows[j][c] = c < nc ? tof(st[c * ss1 + (off + j) * ss2]) : 0.f;
+      for (int64_t t = 0; t < L; ++t)
+        for (int64_t c = 0; c < kCB; ++c) rows[W - 1 + t][c] = c < nc ? tof(xb[(c0 + c) * sxd + t * sxt]) : 0.f;
+      // new state column i: old state column off+i+shift while it exists, then the tokens
+      alignas(64) float keep[kMaxRows][kCB];
+      const int64_t shift = spec ? 1 : L, nkeep = std::max<int64_t>(S_b - L, 0);
+      for (int64_t i = 0; i < nkeep; ++i)
+        for (int64_t c = 0; c < nc; ++c) keep[i][c] = tof(st[c * ss1 + (off + i + shift) * ss2]);
+      for (int64_t i = 0; i < S_b; ++i) {
+        const float* src = i < nkeep ? keep[i] : rows[W - 1 + i - (S_b - L)];
+        for (int64_t c = 0; c < nc; ++c) st[c * ss1 + i * ss2] = T(src[c]);
+      }
+      float* win[kMaxW];
+      for (int64_t t = 0; t < L; ++t) {
+        for (int64_t j = 0; j < W; ++j) win[j] = rows[t + j];
+        conv_block(p.w, p.b, win, W, silu, res);
+        T* ot = ob + c0 * sod + t * sot;
+        for (int64_t c = 0; c < nc; ++c) ot[c * sod] = T(res[c]);
+      }
+    }
+  });
+}
+
+void causal_conv1d_update(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias, bool silu,
+                          const c10::optional<at::Tensor>& conv_state_indices,
+                          const c10::optional<at::Tensor>& num_accepted_tokens,
+                          const c10::optional<at::Tensor>& query_start_loc, int64_t max_query_len,
+                          int64_t null_block_id, at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 3 && out.sizes() == x.sizes(), "causal_conv1d_update: x/out must be 3-D");
+  TORCH_CHECK(x.scalar_type() == conv_state.scalar_type() && out.scalar_type() == x.scalar_type(),
+              "causal_conv1d_update: x, out and conv_state must share a dtype");
+  TORCH_CHECK(weight.size(1) >= 2 && weight.size(1) <= kMaxW, "causal_conv1d_update: width 2..8");
+  VHN_DISPATCH_FB(x.scalar_type(), T, [&] {
+    conv_update_impl<T>(x, conv_state, weight, bias, silu, conv_state_indices, num_accepted_tokens,
+                        query_start_loc, max_query_len, null_block_id, out);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vllm_hybrid_neuron, CPU, m) {
+  m.impl("causal_conv1d_fwd", &causal_conv1d_fwd);
+  m.impl("causal_conv1d_update", &causal_conv1d_update);
+}
+
+}  // namespace vhn

@@ -1,0 +1,88 @@
+// Shared helpers for the vllm_hybrid_neuron CPU kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace vhn {
+
+using at::BFloat16;
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kVecF = fVec::size();
+
+// Read one element of a small parameter tensor (weights, biases, A, D ...) as
+// float, whatever its dtype. Used outside the innermost loops only.
+inline float getf(const at::Tensor& t, int64_t offset) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return t.const_data_ptr<float>()[offset];
+    case at::kBFloat16: return static_cast<float>(t.const_data_ptr<BFloat16>()[offset]);
+    case at::kHalf: return static_cast<float>(t.const_data_ptr<at::Half>()[offset]);
+    case at::kDouble: return static_cast<float>(t.const_data_ptr<double>()[offset]);
+    default: TORCH_CHECK(false, "vllm_hybrid_neuron: unsupported dtype ", t.scalar_type());
+  }
+}
+
+// Read an integer index tensor element (int32 or int64).
+inline int64_t geti(const at::Tensor& t, int64_t offset) {
+  if (t.scalar_type() == at::kInt) return t.const_data_ptr<int32_t>()[offset];
+  if (t.scalar_type() == at::kLong) return t.const_data_ptr<int64_t>()[offset];
+  if (t.scalar_type() == at::kBool) return t.const_data_ptr<bool>()[offset] ? 1 : 0;
+  TORCH_CHECK(false, "vllm_hybrid_neuron: index tensors must be int32/int64/bool");
+}
+
+// Vector load of `cnt` (<= kVecF) elements converted to float; tail lanes are 0.
+inline fVec vload(const float* p, int64_t cnt) {
+  return cnt == kVecF ? fVec::loadu(p) : fVec::loadu(p, cnt);
+}
+inline fVec vload(const BFloat16* p, int64_t cnt) {
+  if (cnt == kVecF) {
+    fVec out;
+    at::vec::load_to_float<BFloat16>(p, out);
+    return out;
+  }
+  alignas(64) float tmp[kVecF] = {0};
+  for (int64_t i = 0; i < cnt; ++i) tmp[i] = static_cast<float>(p[i]);
+  return fVec::loadu(tmp);
+}
+
+inline void vstore(float* p, const fVec& v, int64_t cnt) {
+  if (cnt == kVecF) v.store(p); else v.store(p, cnt);
+}
+inline void vstore(BFloat16* p, const fVec& v, int64_t cnt) {
+  alignas(64) float tmp[kVecF];
+  v.store(tmp);
+  if (cnt == kVecF) {
+    at::vec::Vectorized<BFloat16> b = at::vec::convert_from_float<BFloat16>(v, v);
+    b.store(p, kVecF);
+  } else {
+    for (int64_t i = 0; i < cnt; ++i) p[i] = BFloat16(tmp[i]);
+  }
+}
+
+template <typename T>
+inline float tof(T v) { return static_cast<float>(v); }
+
+inline float softplus(float x) { return x <= 20.f ? std::log1p(std::exp(x)) : x; }
+inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+inline float sigmoidf(float x) { return 1.f / (1.f + std::exp(-x)); }
+
+// Dispatch on float / bfloat16 for an activation or state tensor.
+#define VHN_DISPATCH_FB(DT, NAME, ...)                                   \
+  [&] {                                                                  \
+    if ((DT) == at::kFloat) {                                            \
+      using NAME = float;                                                \
+      return __VA_ARGS__();                                              \
+    } else if ((DT) == at::kBFloat16) {                                  \
+      using NAME = at::BFloat16;                                         \
+      return __VA_ARGS__();                                              \
+    }                                                                    \
+    TORCH_CHECK(false, "vllm_hybrid_neuron: expected float32 or bfloat16, got ", DT); \
+  }()
+
+}  // namespace vhn

@@ -1,0 +1,46 @@
+// Operator schemas of the vllm_hybrid_neuron library. Each op is implemented
+// for CPU in its own file (TORCH_LIBRARY_IMPL). Mutated tensors are Tensor(x!).
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing vllm_hybrid_neuron._C loads this shared library and registers the ops.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(vllm_hybrid_neuron, m) {
+  // x/out: (dim, tokens); conv_states: (slots, dim, state_len).
+  m.def(
+      "causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) conv_states, "
+      "Tensor query_start_loc, Tensor? cache_indices, Tensor? has_initial_state, bool silu, "
+      "int pad_slot_id, Tensor(b!) out) -> ()");
+  // x/out: (batch, dim, seqlen), or (1, dim, tokens) with query_start_loc.
+  m.def(
+      "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
+      "bool silu, Tensor? conv_state_indices, Tensor? num_accepted_tokens, "
+      "Tensor? query_start_loc, int max_query_len, int null_block_id, Tensor(b!) out) -> ()");
+  // state: (slots, nheads, dim, dstate); x/dt/z/out: (tokens, nheads, dim).
+  m.def(
+      "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, "
+      "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, "
+      "Tensor? state_batch_indices, Tensor? dst_state_batch_indices, int null_block_id, "
+      "Tensor(b!) out, Tensor? num_accepted_tokens, Tensor? cu_seqlens) -> ()");
+  // Chunked SSD (Mamba2) prefill; chunk_states: (nchunks, nheads, headdim, dstate) fp32.
+  m.def(
+      "ssd_chunk_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
+      "Tensor? z, Tensor? dt_bias, Tensor? initial_states, Tensor cu_chunk_seqlens, "
+      "Tensor seq_idx, bool dt_softplus, float dt_min, float dt_max, "
+      "Tensor(a!) out, Tensor(b!) chunk_states) -> ()");
+  // Recurrent gated delta rule. state: (slots, HV, V, K).
+  m.def(
+      "gdn_recurrent(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, "
+      "Tensor? initial_state, Tensor(a!) final_state, Tensor? cu_seqlens, "
+      "Tensor? ssm_state_indices, Tensor? num_accepted_tokens, bool inplace_final_state, "
+      "bool use_qk_l2norm, Tensor(b!) out) -> ()");
+  // Chunked gated delta rule prefill. state: (N or slots, HV, V, K) fp32-or-bf16.
+  m.def(
+      "gdn_chunk(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, "
+      "Tensor(a!) state, Tensor cu_seqlens, Tensor? state_indices, bool use_qk_l2norm, "
+      "int chunk_size, Tensor(b!) out) -> ()");
+}

@@ -1,0 +1,63 @@
+"""Build the vllm_hybrid_neuron._C CPU extension (torch.library ops in csrc/).
+
+at::vec picks its SIMD width from the CPU_CAPABILITY macros: detect what the build machine
+supports (AVX-512 > AVX2 > scalar) and compile for it. VHN_CPU_CAPABILITY=AVX2|DEFAULT overrides.
+"""
+
+import os
+import platform
+
+from setuptools import setup
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _capability() -> str:
+    forced = os.environ.get("VHN_CPU_CAPABILITY")
+    if forced:
+        return forced.upper()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "DEFAULT"
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "AVX512"
+    if {"avx2", "fma"} <= flags:
+        return "AVX2"
+    return "DEFAULT"
+
+
+def _extension():
+    from torch.utils.cpp_extension import CppExtension
+
+    cap = _capability()
+    args = ["-O3", "-std=c++17", f"-DCPU_CAPABILITY={cap}", "-fopenmp"]
+    if cap == "AVX512":
+        args += ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+    elif cap == "AVX2":
+        args += ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+    sources = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp"))
+    return CppExtension(
+        "vllm_hybrid_neuron._C",
+        sources,
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args=args,
+        extra_link_args=["-fopenmp"],
+    )
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(ext_modules=[_extension()], cmdclass={"build_ext": _build_ext()})

@@ -1,0 +1,95 @@
+"""Test helpers: run vLLM in a subprocess, re-score its tokens with transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+# Near-tie margins (logits) for the teacher-forced argmax check.
+MARGIN = {"float32": 0.02, "bfloat16": 0.25}
+
+_TEXTS = [
+    "Hello, my name is",
+    "The capital of France is",
+    "a b c d a b c d a b c d a b c",
+]
+_LONG_TEXT = (
+    "Serving a language model means batching requests, caching keys and values, "
+    "and streaming tokens back to each client as soon as they are ready. "
+) * 8
+
+
+def prompt_ids(model_dir: str, long_tokens: int = 320) -> list[list[int]]:
+    """Three short prompts and one of ``long_tokens`` tokens, as token ids."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in _TEXTS]
+    long = tok(_LONG_TEXT * 4, add_special_tokens=False)["input_ids"][:long_tokens]
+    assert len(long) == long_tokens
+    return prompts + [long]
+
+
+def run_vllm(request: dict, env: dict | None = None, timeout: int = 600) -> dict:
+    """Run ``vllm_hybrid_neuron.tools.generate`` in a fresh process; return its JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        req, res = os.path.join(tmp, "req.json"), os.path.join(tmp, "res.json")
+        with open(req, "w") as f:
+            json.dump(request, f)
+        proc = subprocess.run(
+            [sys.executable, "-m", "vllm_hybrid_neuron.tools.generate", req, res],
+            env={**os.environ, **(env or {})}, capture_output=True, text=True,
+            timeout=timeout,
+        )
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"vLLM run failed (rc={proc.returncode}):\n{_errors(proc.stdout + proc.stderr)}")
+        with open(res) as f:
+            result = json.load(f)
+        result["log"] = proc.stdout + proc.stderr
+        return result
+
+
+def _errors(log: str, limit: int = 6000) -> str:
+    """The lines of a vLLM log that say what went wrong (the root cause is often
+    far above the final traceback)."""
+    lines = [l for l in log.splitlines() if "ERROR" in l or "Error" in l or "error" in l]
+    return "\n".join(lines)[-limit:] or log[-limit:]
+
+
+@dataclass
+class HFCheck:
+    worst_deficit: float  # max over tokens of (argmax logit - chosen logit)
+    tokens_checked: int
+    generate_prefix_match: int  # leading tokens identical to transformers' generate
+
+
+def hf_model(model_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval()
+
+
+@torch.no_grad()
+def check_against_hf(model, prompt: list[int], generated: list[int],
+                     generate_tokens: int = 8) -> HFCheck:
+    """Teacher-force ``prompt + generated`` through transformers (fp32) and measure how
+    far each chosen token's logit is below that position's argmax; also compare with
+    transformers' own greedy ``generate``."""
+    full = torch.tensor([prompt + generated])
+    logits = model(full).logits[0].float()  # (seq, vocab)
+    rows = logits[len(prompt) - 1: len(prompt) - 1 + len(generated)]  # (gen, vocab)
+    chosen = rows.gather(1, torch.tensor(generated)[:, None])[:, 0]
+    deficit = float((rows.max(dim=1).values - chosen).max())
+    ref = model.generate(torch.tensor([prompt]), max_new_tokens=generate_tokens,
+                         min_new_tokens=generate_tokens, do_sample=False,
+                         pad_token_id=model.config.pad_token_id)[0, len(prompt):].tolist()
+    match = next((i for i, (a, b) in enumerate(zip(ref, generated)) if a != b), len(ref))
+    return HFCheck(deficit, len(generated), match)

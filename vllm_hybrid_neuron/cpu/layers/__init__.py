@@ -1,0 +1,1 @@
+"""vLLM layers the plugin's CPU model classes put in place of vLLM's own."""

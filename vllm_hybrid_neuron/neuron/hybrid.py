@@ -1,0 +1,90 @@
+"""What the three hybrid ports share: state tensors beside the KV cache, and the traced forward.
+
+NxDI traces ``NeuronBaseModel.forward`` once for prefill (CTE) and once for decode
+(TKG). Its outputs are ``[logits or tokens, *new_states]``; with ``kv_mgr`` set to
+None, NxDI's DecoderModelInstance aliases ``self.past_key_values[i]`` to output
+``1 + i``, so recurrent states are carried between calls in device memory exactly
+like a KV cache. On CPU the runner (``cpu_runner.py``) copies them back instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vllm_hybrid_neuron.neuron import base
+from vllm_hybrid_neuron.neuron.common import last_valid_index
+
+
+def check_hybrid_neuron_config(config) -> None:
+    """Reject NxDI features the hybrid ports do not implement (instead of computing garbage)."""
+    nc = config.neuron_config
+    unsupported = {
+        "tp_degree > 1 (head-sharded Mamba/GDN splits not written)": nc.tp_degree > 1,
+        "speculation (recurrent state cannot roll back rejected tokens)":
+            nc.speculation_length > 0 or nc.enable_fused_speculation,
+        "block KV layout / prefix caching / chunked prefill":
+            nc.is_block_kv_layout or nc.is_prefix_caching or nc.is_chunked_prefill,
+        "left padding": nc.padding_side != "right",
+        "sequence parallel": nc.sequence_parallel_enabled,
+    }
+    bad = [what for what, on in unsupported.items() if on]
+    if bad:
+        raise ValueError(f"{type(config).__name__}: not supported by the hybrid ports: {'; '.join(bad)}")
+
+
+def flatten_text_config(config) -> None:
+    """ConditionalGeneration checkpoints nest the text model under text_config: lift it up."""
+    text = getattr(config, "text_config", None)
+    if text is None:
+        return
+    items = vars(text) if not isinstance(text, dict) else text
+    for key, value in items.items():
+        if key not in ("neuron_config", "architectures"):
+            setattr(config, key, value)
+
+
+class HybridModelMixin(nn.Module):
+    """Mixed into a NeuronBaseModel subclass that defines embed(), layers, logits()."""
+
+    all_logits = False  # CPU tests: return logits for every prompt position, not just the last
+
+    def init_states(self, per_layer: list[list[tuple[tuple[int, ...], torch.dtype | None, str]]],
+                    dtype: torch.dtype) -> None:
+        """Allocate every layer's state tensors, zeroed, as non-trainable parameters.
+
+        per_layer[i]: (shape, dtype or None for the model dtype, kind) per state tensor of layer i;
+        kind is "k"/"v" for KV caches (slots, Hkv, S, D), else a recurrent state's name.
+        """
+        tensors, self.state_slices, self.state_kinds = [], [], []
+        for shapes in per_layer:
+            start = len(tensors)
+            for shape, sdtype, kind in shapes:
+                tensors.append(nn.Parameter(torch.zeros(shape, dtype=sdtype or dtype), requires_grad=False))
+                self.state_kinds.append(kind)
+            self.state_slices.append((start, len(tensors)))
+        self.past_key_values = nn.ParameterList(tensors)
+
+    def init_inference_optimization(self, config) -> None:
+        # The hybrid state replaces NxDI's KVCacheManager: kv_mgr None makes DecoderModelInstance
+        # alias self.past_key_values (KV caches and recurrent states alike).
+        self.kv_mgr = None
+        self.sampler = base.create_sampler(config.neuron_config) if self.on_device_sampling else None
+
+    def forward(self, input_ids, attention_mask, position_ids, seq_ids, sampling_params, *unused):
+        """input_ids: (B, L); attention_mask: (B, L) prefill validity; position_ids: (B, L);
+        seq_ids: (B,) state slots. Returns [logits (B, 1 or L, V) or tokens, *new states]."""
+        is_prefill = input_ids.shape[1] > 1
+        valid = attention_mask[:, :input_ids.shape[1]] if is_prefill else torch.ones_like(input_ids)
+        states = list(self.past_key_values)
+        new_states: list[torch.Tensor] = []
+        h = self.embed(input_ids)  # (B, L, D)
+        for layer, (a, b) in zip(self.layers, self.state_slices):
+            h, layer_states = layer(h, valid, position_ids, seq_ids, states[a:b], is_prefill)
+            new_states += layer_states
+        if is_prefill and not self.all_logits:  # only the last real token's logits are needed
+            idx = last_valid_index(valid)[:, None, None].expand(-1, 1, h.shape[-1])
+            h = torch.gather(h, 1, idx)  # (B, 1, D)
+        logits = self.logits(h)  # (B, 1 or L, V) fp32
+        res = logits if self.sampler is None else self.sampler(logits[:, -1, :], sampling_params).to(torch.int32)
+        return [res, *new_states]

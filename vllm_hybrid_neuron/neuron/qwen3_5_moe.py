@@ -1,0 +1,276 @@
+"""NxDI port of Qwen3.5-MoE: Gated DeltaNet + gated full attention (partial RoPE) + MoE with a
+sigmoid-gated shared expert. (1 + w) RMSNorms; the GDN output norm is plain w, norm-then-gate.
+
+State per slot, aliased like a KV cache:
+  GDN layer:       conv_state (slots, conv_dim, K-1), rec_state (slots, Hv, Dk, Dv) fp32
+  attention layer: k_cache, v_cache (slots, Hkv, S, hd)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vllm_hybrid_neuron.neuron import base
+from vllm_hybrid_neuron.neuron.common import (
+    RMSNorm, apply_partial_rope, attention_with_cache, read_slots, rope_cos_sin, routed_experts,
+    write_slots,
+)
+from vllm_hybrid_neuron.neuron.hybrid import HybridModelMixin, check_hybrid_neuron_config, flatten_text_config
+from vllm_hybrid_neuron.neuron.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from vllm_hybrid_neuron.neuron.ssd import causal_conv, next_conv_state
+
+
+class Qwen3_5MoeInferenceConfig(base.InferenceConfig):
+    def add_derived_config(self) -> None:
+        super().add_derived_config()
+        flatten_text_config(self)  # Qwen3_5MoeForConditionalGeneration nests the text model
+        rope = getattr(self, "rope_parameters", None) or {}
+        rope = rope if isinstance(rope, dict) else vars(rope)
+        self.rope_theta = float(rope.get("rope_theta", getattr(self, "rope_theta", 10000.0)))
+        self.partial_rotary_factor = float(rope.get("partial_rotary_factor", 1.0))
+        check_hybrid_neuron_config(self)
+
+    def get_required_attributes(self) -> list[str]:
+        return ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "vocab_size", "rms_norm_eps", "layer_types", "linear_num_key_heads",
+                "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                "linear_conv_kernel_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                "shared_expert_intermediate_size"]
+
+    @classmethod
+    def get_neuron_config_cls(cls):
+        return base.MoENeuronConfig
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def gated_delta_rule(q, k, v, g, beta, state):
+    """S_t = exp(g_t) S_{t-1} + k_t (beta_t (v_t - S^T k_t))^T;  o_t = S_t^T q_t.
+
+    q, k: (B, L, H, Dk) (l2-normed, q scaled); v: (B, L, H, Dv); g, beta: (B, L, H)
+    (g = beta = 0 on padding: the state passes through untouched); state: (B, H, Dk, Dv) fp32.
+    Returns o (B, L, H, Dv) fp32 and the final state.
+    """
+    outs = []
+    for t in range(q.shape[1]):
+        state = state * torch.exp(g[:, t])[..., None, None]  # (B, H, Dk, Dv)
+        kv_mem = torch.einsum("bhkv,bhk->bhv", state, k[:, t])  # (B, H, Dv)
+        delta = (v[:, t] - kv_mem) * beta[:, t, :, None]
+        state = state + k[:, t, :, :, None] * delta[:, :, None, :]
+        outs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, t]))
+    return torch.stack(outs, 1), state
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config, dtype: torch.dtype) -> None:
+        super().__init__()
+        D = config.hidden_size
+        self.Hk, self.Hv = config.linear_num_key_heads, config.linear_num_value_heads
+        self.Dk, self.Dv = config.linear_key_head_dim, config.linear_value_head_dim
+        self.K = config.linear_conv_kernel_dim
+        self.key_dim, self.value_dim = self.Hk * self.Dk, self.Hv * self.Dv
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.eps = config.rms_norm_eps
+        self.in_proj_qkv = ColumnParallelLinear(D, self.conv_dim, bias=False, gather_output=True, dtype=dtype)
+        self.in_proj_z = ColumnParallelLinear(D, self.value_dim, bias=False, gather_output=True, dtype=dtype)
+        self.in_proj_b = ColumnParallelLinear(D, self.Hv, bias=False, gather_output=True, dtype=dtype)
+        self.in_proj_a = ColumnParallelLinear(D, self.Hv, bias=False, gather_output=True, dtype=dtype)
+        self.conv_weight = nn.Parameter(torch.zeros(self.conv_dim, self.K, dtype=dtype))  # (C, K)
+        self.dt_bias = nn.Parameter(torch.zeros(self.Hv, dtype=dtype))
+        self.A_log = nn.Parameter(torch.zeros(self.Hv, dtype=dtype))
+        self.norm_weight = nn.Parameter(torch.ones(self.Dv, dtype=dtype))
+        self.out_proj = RowParallelLinear(self.value_dim, D, bias=False, input_is_parallel=False, dtype=dtype)
+
+    def state_shapes(self, slots: int):
+        return [((slots, self.conv_dim, self.K - 1), None, "conv"),
+                ((slots, self.Hv, self.Dk, self.Dv), torch.float32, "recurrent")]
+
+    def forward(self, x, valid, seq_ids, states, is_prefill):
+        """x: (B, L, D); valid: (B, L); states: [conv (slots, C, K-1), recurrent (slots, Hv, Dk, Dv)]."""
+        conv_all, rec_all = states
+        B, L, _ = x.shape
+        m = valid[..., None].to(x.dtype)  # (B, L, 1)
+        qkv = self.in_proj_qkv(x) * m  # (B, L, C); padded inputs are zero
+        conv_state = read_slots(conv_all, seq_ids)  # (B, C, K-1)
+        rec = read_slots(rec_all, seq_ids).float()  # (B, Hv, Dk, Dv)
+        if is_prefill:  # a prefill starts a fresh sequence
+            conv_state, rec = torch.zeros_like(conv_state), torch.zeros_like(rec)
+        new_conv = next_conv_state(qkv, conv_state, valid.long().sum(-1))  # last K-1 valid inputs
+        qkv = F.silu(causal_conv(qkv, conv_state, self.conv_weight, None))  # (B, L, C)
+
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], -1)
+        rep = self.Hv // self.Hk
+        q = l2norm(q.float().view(B, L, self.Hk, self.Dk)).repeat_interleave(rep, 2) * self.Dk ** -0.5
+        k = l2norm(k.float().view(B, L, self.Hk, self.Dk)).repeat_interleave(rep, 2)  # (B, L, Hv, Dk)
+        v = v.float().view(B, L, self.Hv, self.Dv)
+        beta = torch.sigmoid(self.in_proj_b(x).float()) * m.float()  # (B, L, Hv); 0 on padding
+        g = -torch.exp(self.A_log.float()) * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        g = g * m.float()  # padding: no decay
+
+        o, rec = gated_delta_rule(q, k, v, g, beta, rec)  # (B, L, Hv, Dv)
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight.float()
+        o = o * F.silu(self.in_proj_z(x).float().view(B, L, self.Hv, self.Dv))  # norm, then gate
+        out = self.out_proj(o.reshape(B, L, self.value_dim).to(x.dtype))
+        return out, [write_slots(conv_all, seq_ids, new_conv), write_slots(rec_all, seq_ids, rec)]
+
+
+class GatedAttention(nn.Module):
+    """GQA with Q/K (1+w) RMSNorm, partial RoPE, and a sigmoid output gate from q_proj."""
+
+    def __init__(self, config, dtype: torch.dtype) -> None:
+        super().__init__()
+        D = config.hidden_size
+        self.Hq, self.Hkv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.rot_dim = int(self.hd * config.partial_rotary_factor)
+        self.theta = config.rope_theta
+        bias = getattr(config, "attention_bias", False)
+        self.q_proj = ColumnParallelLinear(D, 2 * self.Hq * self.hd, bias=bias, gather_output=False, dtype=dtype)
+        self.k_proj = ColumnParallelLinear(D, self.Hkv * self.hd, bias=bias, gather_output=False, dtype=dtype)
+        self.v_proj = ColumnParallelLinear(D, self.Hkv * self.hd, bias=bias, gather_output=False, dtype=dtype)
+        self.o_proj = RowParallelLinear(self.Hq * self.hd, D, bias=bias, input_is_parallel=True, dtype=dtype)
+        self.q_norm = RMSNorm(self.hd, config.rms_norm_eps, offset=1.0)
+        self.k_norm = RMSNorm(self.hd, config.rms_norm_eps, offset=1.0)
+
+    def state_shapes(self, slots: int, seq_len: int):
+        shape = (slots, self.Hkv, seq_len, self.hd)
+        return [(shape, None, "k"), (shape, None, "v")]
+
+    def forward(self, x, valid, position_ids, seq_ids, states, is_prefill):
+        B, L, _ = x.shape
+        q, gate = self.q_proj(x).view(B, L, self.Hq, 2 * self.hd).chunk(2, -1)  # (B, L, Hq, hd) each
+        q = self.q_norm(q).transpose(1, 2)  # (B, Hq, L, hd)
+        k = self.k_norm(self.k_proj(x).view(B, L, self.Hkv, self.hd)).transpose(1, 2)  # (B, Hkv, L, hd)
+        v = self.v_proj(x).view(B, L, self.Hkv, self.hd).transpose(1, 2)
+        cos, sin = rope_cos_sin(position_ids, self.rot_dim, self.theta, q.dtype)
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        out, k_cache, v_cache = attention_with_cache(q, k, v, *states, valid, position_ids, seq_ids,
+                                                     self.hd ** -0.5, is_prefill)
+        out = out.transpose(1, 2).reshape(B, L, -1) * torch.sigmoid(gate.reshape(B, L, -1))
+        return self.o_proj(out), [k_cache, v_cache]
+
+
+class Qwen3_5MoE(nn.Module):
+    """Top-k of softmax(router) renormalised, plus sigmoid(w_g . x) * shared SwiGLU expert."""
+
+    def __init__(self, config, dtype: torch.dtype) -> None:
+        super().__init__()
+        D, E, I = config.hidden_size, config.num_experts, config.moe_intermediate_size
+        Is = config.shared_expert_intermediate_size
+        self.top_k = config.num_experts_per_tok
+        self.router = nn.Parameter(torch.zeros(E, D, dtype=dtype))  # (E, D)
+        self.gate_up = nn.Parameter(torch.zeros(E, 2 * I, D, dtype=dtype))  # (E, 2I, D)
+        self.down = nn.Parameter(torch.zeros(E, D, I, dtype=dtype))  # (E, D, I)
+        self.shared_gate_up = ColumnParallelLinear(D, 2 * Is, bias=False, gather_output=True, dtype=dtype)
+        self.shared_down = RowParallelLinear(Is, D, bias=False, input_is_parallel=False, dtype=dtype)
+        self.shared_expert_gate = nn.Parameter(torch.zeros(1, D, dtype=dtype))  # (1, D)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        t = x.reshape(-1, D)  # (T, D)
+        routed = routed_experts(t, F.linear(t, self.router), self.gate_up, self.down, self.top_k,
+                                normalize=True)
+        g, u = self.shared_gate_up(t).chunk(2, -1)
+        shared = torch.sigmoid(F.linear(t, self.shared_expert_gate)) * self.shared_down(F.silu(g) * u)
+        return (routed + shared).view(B, L, D)
+
+
+class Qwen3_5DecoderLayer(nn.Module):
+    def __init__(self, config, layer_type: str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.is_linear = layer_type == "linear_attention"
+        self.mixer = GatedDeltaNet(config, dtype) if self.is_linear else GatedAttention(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=1.0)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=1.0)
+        self.moe = Qwen3_5MoE(config, dtype)
+
+    def forward(self, h, valid, position_ids, seq_ids, states, is_prefill):
+        x = self.input_layernorm(h)
+        if self.is_linear:
+            x, states = self.mixer(x, valid, seq_ids, states, is_prefill)
+        else:
+            x, states = self.mixer(x, valid, position_ids, seq_ids, states, is_prefill)
+        h = h + x
+        return h + self.moe(self.post_attention_layernorm(h)), states
+
+
+class NeuronQwen3_5MoeModel(HybridModelMixin, base.NeuronBaseModel):
+    def setup_attr_for_model(self, config) -> None:
+        nc = config.neuron_config
+        self.on_device_sampling = nc.on_device_sampling_config is not None
+        self.tp_degree = nc.tp_degree
+        self.hidden_size = config.hidden_size
+        self.num_attention_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.max_batch_size = nc.max_batch_size
+        self.buckets = [nc.seq_len]
+
+    def init_model(self, config) -> None:
+        dtype = config.neuron_config.torch_dtype
+        self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size,
+                                              getattr(config, "pad_token_id", None), dtype=dtype)
+        self.layers = nn.ModuleList(Qwen3_5DecoderLayer(config, t, dtype) for t in config.layer_types)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=1.0)
+        self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, bias=False,
+                                            gather_output=not self.on_device_sampling, dtype=dtype)
+        slots, S = self.max_batch_size, config.neuron_config.seq_len
+        self.init_states([
+            layer.mixer.state_shapes(slots) if layer.is_linear else layer.mixer.state_shapes(slots, S)
+            for layer in self.layers], dtype)
+
+    def embed(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+    def logits(self, h):
+        return self.lm_head(self.norm(h)).float()
+
+
+class NeuronQwen3_5MoeForCausalLM(base.NeuronBaseForCausalLM):
+    _model_cls = NeuronQwen3_5MoeModel
+
+    @classmethod
+    def get_config_cls(cls):
+        return Qwen3_5MoeInferenceConfig
+
+    @classmethod
+    def get_neuron_config_cls(cls):
+        return base.MoENeuronConfig
+
+    @staticmethod
+    def load_hf_model(model_path):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(model_path)
+
+    @staticmethod
+    def update_state_dict_for_tied_weights(state_dict: dict) -> None:
+        state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"].clone()
+
+    @staticmethod
+    def convert_hf_to_neuron_state_dict(state_dict: dict, config) -> dict:
+        """HF keys ("model." stripped; ConditionalGeneration's "language_model." too) -> port keys.
+        Per-expert gate/up/down are stacked into (E, 2I, D) and (E, D, I)."""
+        sd = {k.replace("language_model.", "", 1): v for k, v in state_dict.items()
+              if not k.startswith(("visual.", "model.visual.", "mtp."))}
+        out = {}
+        for i in range(config.num_hidden_layers):
+            p = f"layers.{i}."
+            e = [f"{p}mlp.experts.{j}." for j in range(config.num_experts)]
+            out[p + "moe.gate_up"] = torch.stack([torch.cat([sd.pop(x + "gate_proj.weight"),
+                                                             sd.pop(x + "up_proj.weight")]) for x in e])
+            out[p + "moe.down"] = torch.stack([sd.pop(x + "down_proj.weight") for x in e])
+            out[p + "moe.shared_gate_up.weight"] = torch.cat([sd.pop(p + "mlp.shared_expert.gate_proj.weight"),
+                                                              sd.pop(p + "mlp.shared_expert.up_proj.weight")])
+            if config.layer_types[i] == "linear_attention":
+                out[p + "mixer.conv_weight"] = sd.pop(p + "linear_attn.conv1d.weight")[:, 0]  # (C, K)
+        renames = {"mlp.gate.weight": "moe.router", "mlp.shared_expert.down_proj.": "moe.shared_down.",
+                   "mlp.shared_expert_gate.weight": "moe.shared_expert_gate",
+                   "linear_attn.norm.weight": "mixer.norm_weight", "linear_attn.": "mixer.",
+                   "self_attn.": "mixer."}
+        for key, value in sd.items():
+            new = next((key.replace(o, r) for o, r in renames.items() if o in key), key)
+            out[new] = value
+        return out

@@ -1,0 +1,80 @@
+"""Greedy generation with ``vllm.LLM`` on token-id prompts, reported as JSON.
+
+    python -m vllm_hybrid_neuron.tools.generate REQUEST.json [RESULT.json]
+
+REQUEST: {"model": DIR, "dtype": "float32", "prompts": [[ids...], ...],
+          "max_tokens": 32, "llm_kwargs": {...}, "rounds": 1}
+RESULT:  {"served_classes": [...], "startup_s": ..., "rounds": [{"outputs": [[ids...]],
+          "cached_tokens": [...], "seconds": ...}], "metrics": {...}}
+
+One engine per process: tests run this in a subprocess so engines never overlap and a
+crashing engine fails one test, not the whole session. With "rounds" > 1 the same
+prompts are sent again on the warm engine (prefix-cache hits show in cached_tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def _metrics(llm) -> dict[str, float]:
+    """Counters vLLM exposes (speculative decoding acceptance among them)."""
+    out: dict[str, float] = {}
+    try:
+        for metric in llm.get_metrics():
+            value = getattr(metric, "value", None)
+            if isinstance(value, (int, float)):
+                out[metric.name] = out.get(metric.name, 0) + value
+    except Exception as exc:  # metrics are optional: report why they are missing
+        out["error"] = repr(exc)[:200]
+    return out
+
+
+def run(request: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_hybrid_neuron.tools.introspect import model_class_path
+
+    kwargs = dict(model=request["model"], dtype=request.get("dtype", "float32"),
+                  max_model_len=request.get("max_model_len", 1024), seed=0,
+                  enforce_eager=True, disable_log_stats=False)
+    kwargs.update(request.get("llm_kwargs", {}))
+    started = time.perf_counter()
+    llm = LLM(**kwargs)
+    startup = time.perf_counter() - started
+    params = SamplingParams(max_tokens=request.get("max_tokens", 32), temperature=0.0,
+                            ignore_eos=True)
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]]
+    rounds = []
+    for _ in range(request.get("rounds", 1)):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        rounds.append({
+            "outputs": [list(o.outputs[0].token_ids) for o in outs],
+            "cached_tokens": [o.num_cached_tokens or 0 for o in outs],
+            "seconds": time.perf_counter() - t0,
+        })
+    return {"served_classes": llm.apply_model(model_class_path), "startup_s": startup,
+            "rounds": rounds, "metrics": _metrics(llm)}
+
+
+def main() -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # apply_model sends a function to the workers, which needs pickle.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    with open(sys.argv[1]) as f:
+        request = json.load(f)
+    result = json.dumps(run(request))
+    if len(sys.argv) > 2:
+        with open(sys.argv[2], "w") as f:
+            f.write(result)
+    else:
+        print(result)
+
+
+if __name__ == "__main__":
+    main()
