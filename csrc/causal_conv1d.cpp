@@ -28,10 +28,11 @@ struct Params {
 inline void load_params(Params& p, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         int64_t c0, int64_t nc, int64_t W) {
   const int64_t sw0 = weight.stride(0), sw1 = weight.stride(1);
+  const FAcc fw(weight), fb(bias);
   for (int64_t j = 0; j < W; ++j)
-    for (int64_t c = 0; c < kCB; ++c) p.w[j][c] = c < nc ? getf(weight, (c0 + c) * sw0 + j * sw1) : 0.f;
+    for (int64_t c = 0; c < kCB; ++c) p.w[j][c] = c < nc ? fw( (c0 + c) * sw0 + j * sw1) : 0.f;
   for (int64_t c = 0; c < kCB; ++c)
-    p.b[c] = (bias.has_value() && c < nc) ? getf(*bias, (c0 + c) * bias->stride(0)) : 0.f;
+    p.b[c] = (bias.has_value() && c < nc) ? fb( (c0 + c) * bias->stride(0)) : 0.f;
 }
 
 template <typename T>

@@ -28,6 +28,24 @@ inline float getf(const at::Tensor& t, int64_t offset) {
   }
 }
 
+// Cheap float view of a small tensor of any float dtype: resolve the data pointer once
+// (Tensor::data_ptr() has checks that are far too slow for inner loops).
+struct FAcc {
+  const void* p = nullptr;
+  at::ScalarType st = at::kFloat;
+  FAcc() = default;
+  explicit FAcc(const at::Tensor& t) : p(t.const_data_ptr()), st(t.scalar_type()) {}
+  explicit FAcc(const c10::optional<at::Tensor>& t) {
+    if (t.has_value()) { p = t->const_data_ptr(); st = t->scalar_type(); }
+  }
+  inline float operator()(int64_t off) const {
+    if (st == at::kFloat) return static_cast<const float*>(p)[off];
+    if (st == at::kBFloat16) return static_cast<float>(static_cast<const BFloat16*>(p)[off]);
+    if (st == at::kHalf) return static_cast<float>(static_cast<const at::Half*>(p)[off]);
+    return static_cast<float>(static_cast<const double*>(p)[off]);
+  }
+};
+
 // Read an integer index tensor element (int32 or int64).
 inline int64_t geti(const at::Tensor& t, int64_t offset) {
   if (t.scalar_type() == at::kInt) return t.const_data_ptr<int32_t>()[offset];

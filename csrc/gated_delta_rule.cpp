@@ -51,6 +51,7 @@ void recurrent_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
+  const FAcc fg(g), fbeta(beta);
   at::parallel_for(0, nseq * HV, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float qb[kMaxTok][kMaxK], kb[kMaxTok][kMaxK], row[kMaxK];
     float eg[kMaxTok], bt[kMaxTok];
@@ -75,8 +76,8 @@ void recurrent_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         const int64_t tok = bos + t;
         load_qk(qp + tok * q.stride(0) + hk * q.stride(1), kp + tok * k.stride(0) + hk * k.stride(1), K, l2,
                 (float)scale, qb[t], kb[t]);
-        eg[t] = std::exp(getf(g, tok * g.stride(0) + hv * g.stride(1)));
-        bt[t] = getf(beta, tok * beta.stride(0) + hv * beta.stride(1));
+        eg[t] = std::exp(fg( tok * g.stride(0) + hv * g.stride(1)));
+        bt[t] = fbeta( tok * beta.stride(0) + hv * beta.stride(1));
         if (inplace) {
           const int64_t d = idx.has_value()
               ? geti(*idx, n * idx->stride(0) + t * (idx->dim() > 1 ? idx->stride(1) : 0)) : n;
@@ -152,6 +153,7 @@ void chunk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   const int64_t H = q.size(1), K = q.size(2), HV = v.size(1), V = v.size(2), ratio = HV / H;
   const int64_t nseq = cu.size(0) - 1;
   const auto fo = at::TensorOptions().dtype(at::kFloat);
+  const FAcc fg(g), fbeta(beta);
   at::parallel_for(0, nseq * HV, 1, [&](int64_t begin, int64_t end) {
     at::Tensor Qc = at::empty({CS, K}, fo), Kc = at::empty({CS, K}, fo), Kd = at::empty({CS, K}, fo);
     at::Tensor RHS = at::empty({CS, V + K}, fo), Amat = at::empty({CS, CS}, fo), QK = at::empty({CS, CS}, fo);
@@ -175,9 +177,9 @@ void chunk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
           load_qk(q.const_data_ptr<T>() + tok * q.stride(0) + hk * q.stride(1),
                   k.const_data_ptr<T>() + tok * k.stride(0) + hk * k.stride(1), K, l2, (float)scale,
                   qcp + i * K, kcp + i * K);
-          acc += getf(g, tok * g.stride(0) + hv * g.stride(1));
+          acc += fg( tok * g.stride(0) + hv * g.stride(1));
           gc[i] = acc;
-          bt[i] = getf(beta, tok * beta.stride(0) + hv * beta.stride(1));
+          bt[i] = fbeta( tok * beta.stride(0) + hv * beta.stride(1));
         }
         at::Tensor Ql = Qc.narrow(0, 0, L), Kl = Kc.narrow(0, 0, L);
         // A (strictly lower) and the right-hand sides

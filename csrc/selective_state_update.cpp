@@ -21,6 +21,8 @@ void ssu_impl(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, cons
   const int64_t ratio = H / G;
   const bool spec = nacc.has_value();
   const bool a_per_elem = A.stride(2) != 0;
+  const bool tied = dt.stride(2) == 0 && A.stride(1) == 0 && !a_per_elem &&
+                    (!dt_bias.has_value() || dt_bias->stride(1) == 0);
   S* sp = state.mutable_data_ptr<S>();
   const X* xp = x.const_data_ptr<X>();
   X* op = out.mutable_data_ptr<X>();
@@ -30,6 +32,7 @@ void ssu_impl(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, cons
   TORCH_CHECK(N <= kMaxN, "selective_state_update: dstate > 256");
   const auto& dsb = dsbi.has_value() ? dsbi : sbi;
 
+  const FAcc fB(B), fC(C), fD(D), fbias(dt_bias), fA(A), fdt(dt);
   at::parallel_for(0, batch * H, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float Bv[kMaxTok][kMaxN], Cv[kMaxTok][kMaxN];
     float dtv[kMaxTok], xv[kMaxTok], dA[kMaxTok], outv[kMaxTok];
@@ -63,22 +66,23 @@ void ssu_impl(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, cons
       for (int64_t t = 0; t < L; ++t) {
         const int64_t tok = bos + t;
         for (int64_t n = 0; n < N; ++n) {
-          Bv[t][n] = getf(B, tok * B.stride(0) + g * B.stride(1) + n * B.stride(2));
-          Cv[t][n] = getf(C, tok * C.stride(0) + g * C.stride(1) + n * C.stride(2));
+          Bv[t][n] = fB( tok * B.stride(0) + g * B.stride(1) + n * B.stride(2));
+          Cv[t][n] = fC( tok * C.stride(0) + g * C.stride(1) + n * C.stride(2));
         }
         for (int64_t n = N; n < kMaxN && n < N + kVecF; ++n) Bv[t][n] = Cv[t][n] = 0.f;  // vector tail
       }
       const S* srow0 = sp + src * s0 + h * s1;
       for (int64_t d = 0; d < P; ++d) {
-        const float Dd = D.has_value() ? getf(*D, h * D->stride(0) + d * D->stride(1)) : 0.f;
-        const float bias = dt_bias.has_value() ? getf(*dt_bias, h * dt_bias->stride(0) + d * dt_bias->stride(1)) : 0.f;
-        const float Ahd = getf(A, h * A.stride(0) + d * A.stride(1));
+        const float Dd = D.has_value() ? fD( h * D->stride(0) + d * D->stride(1)) : 0.f;
+        const float bias = dt_bias.has_value() ? fbias( h * dt_bias->stride(0) + d * dt_bias->stride(1)) : 0.f;
+        const float Ahd = fA( h * A.stride(0) + d * A.stride(1));
         for (int64_t t = 0; t < L; ++t) {
           const int64_t tok = bos + t;
-          float dtt = getf(dt, tok * dt.stride(0) + h * dt.stride(1) + d * dt.stride(2)) + bias;
+          xv[t] = tof(xp[tok * x.stride(0) + h * x.stride(1) + d * x.stride(2)]);
+          if (tied && d > 0) continue;  // dt, dA identical for every row of the head
+          float dtt = fdt( tok * dt.stride(0) + h * dt.stride(1) + d * dt.stride(2)) + bias;
           if (dt_softplus) dtt = softplus(dtt);
           dtv[t] = dtt;
-          xv[t] = tof(xp[tok * x.stride(0) + h * x.stride(1) + d * x.stride(2)]);
           dA[t] = std::exp(Ahd * dtt);
         }
         const S* srow = srow0 + d * s2;

@@ -101,7 +101,8 @@ void ssd_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, co
       if (init.has_value()) {
         ibuf.resize(PN);
         const at::Tensor ih = (*init)[s][h];
-        for (int64_t i = 0; i < PN; ++i) ibuf[i] = getf(ih, (i / N) * ih.stride(0) + (i % N) * ih.stride(1));
+        const FAcc fih(ih);
+        for (int64_t i = 0; i < PN; ++i) ibuf[i] = fih( (i / N) * ih.stride(0) + (i % N) * ih.stride(1));
         prev = ibuf.data();
       }
       for (int64_t c = seq_first[r]; c < seq_first[r + 1]; ++c) {
@@ -147,8 +148,14 @@ void ssd_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, co
       const float* dd = dtp + h * T + ci.start;
       float* mp = M.mutable_data_ptr<float>();
       const float* cbp = CB.const_data_ptr<float>();
-      for (int64_t i = 0; i < L; ++i) {
-        for (int64_t j = 0; j <= i; ++j) mp[i * L + j] = cbp[i * maxlen + j] * std::exp(cu[i] - cu[j]) * dd[j];
+      for (int64_t i = 0; i < L; ++i) {  // M[i, j] = CB[i, j] exp(cum_i - cum_j) dt_j, j <= i
+        const fVec ci(cu[i]);
+        for (int64_t j = 0; j <= i; j += kVecF) {
+          const int64_t cnt = std::min(kVecF, i + 1 - j);
+          const fVec m = fVec::loadu(cbp + i * maxlen + j, cnt) * (ci - fVec::loadu(cu + j, cnt)).exp() *
+                         fVec::loadu(dd + j, cnt);
+          m.store(mp + i * L + j, cnt);
+        }
         for (int64_t j = i + 1; j < L; ++j) mp[i * L + j] = 0.f;
       }
       at::Tensor Ml = at::from_blob(mp, {L, L}, fopt);
@@ -160,8 +167,9 @@ void ssd_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, co
         sprev = stp + ((c - 1) * H + h) * PN;
       } else if (init.has_value()) {
         const at::Tensor ih = (*init)[ci.seq][h];
+        const FAcc fih(ih);
         float* sp = Sinit.mutable_data_ptr<float>();
-        for (int64_t i = 0; i < PN; ++i) sp[i] = getf(ih, (i / N) * ih.stride(0) + (i % N) * ih.stride(1));
+        for (int64_t i = 0; i < PN; ++i) sp[i] = fih( (i / N) * ih.stride(0) + (i % N) * ih.stride(1));
         sprev = sp;
       }
       if (sprev != nullptr) {
@@ -176,6 +184,7 @@ void ssd_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, co
       }
       // D skip, z gate, store
       const float* yp = Yl.const_data_ptr<float>();
+      const FAcc fD(D), fz(z);
       const int64_t so0 = out.stride(0), so1 = out.stride(1), so2 = out.stride(2);
       X* op = out.mutable_data_ptr<X>();
       const X* xp = x.const_data_ptr<X>();
@@ -184,9 +193,9 @@ void ssd_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, co
         for (int64_t p = 0; p < P; ++p) {
           float y = yp[i * P + p];
           if (D.has_value())
-            y += (D->dim() == 1 ? getf(*D, h * D->stride(0)) : getf(*D, h * D->stride(0) + p * D->stride(1))) *
+            y += (D->dim() == 1 ? fD( h * D->stride(0)) : fD( h * D->stride(0) + p * D->stride(1))) *
                  tof(xp[tok * x.stride(0) + h * x.stride(1) + p * x.stride(2)]);
-          if (z.has_value()) y *= silu(getf(*z, tok * z->stride(0) + h * z->stride(1) + p * z->stride(2)));
+          if (z.has_value()) y *= silu(fz( tok * z->stride(0) + h * z->stride(1) + p * z->stride(2)));
           op[tok * so0 + h * so1 + p * so2] = X(y);
         }
       }

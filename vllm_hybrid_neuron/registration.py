@@ -50,6 +50,8 @@ def current_backend() -> str | None:
 def register() -> None:
     if _state["backend"] is not None:
         return
+    import vllm.logger  # noqa: F401  (configures the "vllm" logger this one inherits)
+
     backend = resolve_backend()
     if backend == "neuron":
         from vllm_hybrid_neuron.neuron.registration import register_neuron_models

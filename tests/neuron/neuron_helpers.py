@@ -10,6 +10,7 @@ import torch
 PORTS = {
     "granite": ("vllm_hybrid_neuron.neuron.granite", "NeuronGraniteMoeHybridForCausalLM"),
     "qwen3_5": ("vllm_hybrid_neuron.neuron.qwen3_5_moe", "NeuronQwen3_5MoeForCausalLM"),
+    "gemma4": ("vllm_hybrid_neuron.neuron.gemma4", "NeuronGemma4ForCausalLM"),
 }
 
 

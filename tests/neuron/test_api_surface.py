@@ -21,7 +21,7 @@ from vllm_hybrid_neuron.neuron import base, registration
 PKG = Path(base.__file__).parent
 SURFACE = json.loads((PKG / "api_surface.json").read_text())
 NX = "neuronx_distributed_inference."
-FAMILIES = ["granite", "qwen3_5"]
+FAMILIES = ["granite", "qwen3_5", "gemma4"]
 
 
 def _recorded(*class_names: str) -> dict:
@@ -124,14 +124,15 @@ def test_neuron_config_fields_read_are_recorded():
     assert fields <= set(SURFACE["neuron_config_fields"]), sorted(fields - set(SURFACE["neuron_config_fields"]))
 
 
-ARCHS = ["GraniteMoeHybridForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"]
+ARCHS = ["GraniteMoeHybridForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration",
+         "Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_vllm_neuron_lookup_resolves_to_the_port(arch):
     model_types = registration.register_neuron_models({"llama": {"causal-lm": object}})
     model, task = registration.model_types_key(arch)
-    expected = {"GraniteMoeHybrid": "granite", "Qwen3_5Moe": "qwen3_5"}[arch.split("For")[0]]
+    expected = {"GraniteMoeHybrid": "granite", "Qwen3_5Moe": "qwen3_5", "Gemma4": "gemma4"}[arch.split("For")[0]]
     assert model_types[model][task] is app_cls(expected)
     assert model_types["llama"] == {"causal-lm": object}  # existing entries untouched
 

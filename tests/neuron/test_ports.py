@@ -8,9 +8,10 @@ import torch
 from neuron_helpers import app_cls, pearson, prompt
 from vllm_hybrid_neuron.neuron.cpu_runner import CpuRunner
 
-FAMILIES = ["granite", "qwen3_5"]
+FAMILIES = ["granite", "qwen3_5", "gemma4"]
 # Port-specific knobs that select the long-context code path (e.g. several SSD chunks).
-CHUNKED = {"granite": {"ssd_chunk_size": 16}, "qwen3_5": {}}
+# Gemma 4 has none: every prompt here longer than its sliding window (32) already slides.
+CHUNKED = {"granite": {"ssd_chunk_size": 16}, "qwen3_5": {}, "gemma4": {}}
 
 
 @pytest.fixture(params=FAMILIES)
@@ -35,7 +36,7 @@ def test_prefill_logits_match_transformers(checkpoint, hf_model, family, path):
 
 
 def test_greedy_decode_matches_transformers_generate(checkpoint, hf_model, family):
-    ids = prompt(11, seed=2)
+    ids = prompt(47, seed=2)  # longer than Gemma 4's sliding window; 47 + 16 fits seq_len 64
     r = runner(checkpoint, family, batch_size=2)
     mine = r.greedy(ids, 16, seq_id=1)
     with torch.no_grad():
@@ -72,10 +73,10 @@ def test_state_of_one_slot_never_changes_another(checkpoint, family):
 
 
 def test_state_carried_into_decode_equals_one_prefill(checkpoint, family):
-    ids = prompt(30, seed=6)
+    ids = prompt(50, seed=6)  # decode steps cross Gemma 4's sliding window (32)
     split = 13
     full = runner(checkpoint, family, batch_size=2, **CHUNKED[family])
-    ref = full.prefill([ids], [1])[0]  # (30, V)
+    ref = full.prefill([ids], [1])[0]  # (50, V)
     inc = runner(checkpoint, family, batch_size=2, **CHUNKED[family])
     first = inc.prefill([ids[:split]], [1])[0]
     steps = [inc.decode([ids[t]], [t], [1])[0, 0] for t in range(split, len(ids))]
@@ -87,3 +88,70 @@ def test_state_carried_into_decode_equals_one_prefill(checkpoint, family):
         if kind in ("k", "v"):  # (slots, Hkv, S, D): only positions written so far
             a, b = a[:, :, :len(ids)], b[:, :, :len(ids)]
         torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def gemma4_conditional_checkpoint(checkpoint, tmp_path_factory):
+    """The tiny Gemma 4 text model saved as a Gemma4ForConditionalGeneration checkpoint (text_config
+    nested, weights under model.language_model.), plus a stray vision-tower tensor to be dropped."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, Gemma4Config, Gemma4ForConditionalGeneration
+
+    src = checkpoint("gemma4")
+    out = tmp_path_factory.mktemp("tiny-gemma4-cg")
+    config = Gemma4Config(text_config=AutoConfig.from_pretrained(src).to_dict(), vision_config=None,
+                          audio_config=None)
+    config.architectures = ["Gemma4ForConditionalGeneration"]
+    model = Gemma4ForConditionalGeneration(config)
+    text = {k.removeprefix("model."): v for k, v in load_file(f"{src}/model.safetensors").items()}
+    missing = model.model.language_model.load_state_dict(text, strict=False).missing_keys
+    assert missing == []
+    model.save_pretrained(str(out))
+    sd = load_file(f"{out}/model.safetensors")
+    sd["model.vision_tower.encoder.fake.weight"] = torch.ones(3, 3)
+    save_file(sd, f"{out}/model.safetensors", metadata={"format": "pt"})
+    return str(out)
+
+
+def test_gemma4_conditional_generation_checkpoint_serves_the_text_model(
+        gemma4_conditional_checkpoint, hf_model):
+    from vllm_hybrid_neuron.neuron import registration
+
+    r = CpuRunner(registration.register_neuron_models({})["gemma4"]["causal-lm"], gemma4_conditional_checkpoint)
+    assert r.missing == [] and r.unexpected == []
+    assert r.config.layer_head_dims == [32, 64, 32, 64] and r.config.layer_kv_heads == [2, 1, 2, 1]
+    ids = prompt(45, seed=1)
+    got = r.prefill([ids], [0])[0]
+    with torch.no_grad():
+        ref = hf_model("gemma4")(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gemma4_rejects_unported_variants(checkpoint):
+    for override in ({"hidden_size_per_layer_input": 16}, {"num_kv_shared_layers": 2},
+                     {"use_bidirectional_attention": "all"}):
+        with pytest.raises(ValueError, match="not supported by the Gemma 4 port"):
+            runner(checkpoint, "gemma4", **override)
+
+
+def test_gemma4_router_scales_match_transformers(checkpoint, tmp_path):
+    """The tiny checkpoint leaves router.scale / router.per_expert_scale at ones; randomise them
+    so the router formula (norm * scale / sqrt(D), per-expert weight scale) is really compared."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(checkpoint("gemma4"), tmp_path, dirs_exist_ok=True)
+    sd = load_file(f"{tmp_path}/model.safetensors")
+    g = torch.Generator().manual_seed(7)
+    for key in [k for k in sd if k.endswith(("router.scale", "router.per_expert_scale"))]:
+        sd[key] = 0.5 + torch.rand(sd[key].shape, generator=g)
+    save_file(sd, f"{tmp_path}/model.safetensors", metadata={"format": "pt"})
+    ids = prompt(45, seed=1)
+    got = CpuRunner(app_cls("gemma4"), str(tmp_path)).prefill([ids], [0])[0]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()(
+            torch.tensor([ids])).logits[0]
+    assert pearson(got, ref) >= 0.999
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

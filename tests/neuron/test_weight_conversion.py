@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from neuron_helpers import app_cls
 from vllm_hybrid_neuron.neuron.cpu_runner import CpuRunner
 
-FAMILIES = ["granite", "qwen3_5"]
+FAMILIES = ["granite", "qwen3_5", "gemma4"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -122,11 +122,13 @@ def attention_with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def routed_experts(x: torch.Tensor, router_logits: torch.Tensor, gate_up: torch.Tensor,
-                   down: torch.Tensor, top_k: int, normalize: bool, act=F.silu) -> torch.Tensor:
+                   down: torch.Tensor, top_k: int, normalize: bool, act=F.silu,
+                   expert_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k MoE, computed densely over all experts (static shapes; zero weight if unrouted).
 
     x: (T, D); router_logits: (T, E); gate_up: (E, 2I, D) [gate; up]; down: (E, D, I).
     normalize=True: softmax over the chosen k logits; False: softmax over all, then pick k.
+    expert_scale: (E,) multiplies each chosen expert's weight after normalising (Gemma 4).
     """
     if normalize:
         top_logits, top_idx = router_logits.float().topk(top_k, -1)  # (T, k)
@@ -135,6 +137,8 @@ def routed_experts(x: torch.Tensor, router_logits: torch.Tensor, gate_up: torch.
         probs = torch.softmax(router_logits.float(), -1)
         top_w, top_idx = probs.topk(top_k, -1)
     weights = torch.zeros_like(router_logits, dtype=torch.float32).scatter(1, top_idx, top_w)  # (T, E)
+    if expert_scale is not None:
+        weights = weights * expert_scale.float()
     gu = torch.einsum("td,eid->tei", x, gate_up)  # (T, E, 2I)
     g, u = gu.chunk(2, -1)
     h = act(g) * u  # (T, E, I)

@@ -18,7 +18,7 @@ logger = logging.getLogger("vllm_hybrid_neuron")
 PORTS: dict[str, str | None] = {
     "granitemoehybrid": "vllm_hybrid_neuron.neuron.granite:NeuronGraniteMoeHybridForCausalLM",
     "qwen3_5moe": "vllm_hybrid_neuron.neuron.qwen3_5_moe:NeuronQwen3_5MoeForCausalLM",
-    "gemma4": None,
+    "gemma4": "vllm_hybrid_neuron.neuron.gemma4:NeuronGemma4ForCausalLM",
 }
 
 
