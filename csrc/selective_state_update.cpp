@@ -37,6 +37,7 @@ void ssu_impl(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, cons
     alignas(64) float Bv[kMaxTok][kMaxN], Cv[kMaxTok][kMaxN];
     float dtv[kMaxTok], xv[kMaxTok], dA[kMaxTok], outv[kMaxTok];
     int64_t dst[kMaxTok];
+    fVec acc[kMaxTok];
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = it / H, h = it % H, g = h / ratio;
       int64_t bos = b, L = 1;
@@ -86,8 +87,20 @@ void ssu_impl(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, cons
           dA[t] = std::exp(Ahd * dtt);
         }
         const S* srow = srow0 + d * s2;
-        fVec acc[kMaxTok];
         for (int64_t t = 0; t < L; ++t) acc[t] = fVec(0.f);
+        if (L == 1 && !a_per_elem) {  // plain decode: one fused read-update-write pass
+          fVec a0(0.f);
+          const fVec da(dA[0]), bx(dtv[0] * xv[0]);
+          S* drow = dst[0] >= 0 ? sp + dst[0] * s0 + h * s1 + d * s2 : nullptr;
+          for (int64_t n = 0; n < N; n += kVecF) {
+            const int64_t cnt = std::min(kVecF, N - n);
+            fVec s = valid ? vload(srow + n, cnt) : fVec(0.f);
+            s = at::vec::fmadd(s, da, fVec::loadu(Bv[0] + n) * bx);
+            a0 = at::vec::fmadd(s, fVec::loadu(Cv[0] + n), a0);
+            if (drow) vstore(drow + n, s, cnt);
+          }
+          acc[0] = a0;
+        } else
         for (int64_t n = 0; n < N; n += kVecF) {
           const int64_t cnt = std::min(kVecF, N - n);
           fVec s = valid ? vload(srow + n, cnt) : fVec(0.f);

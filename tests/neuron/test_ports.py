@@ -11,7 +11,7 @@ from vllm_hybrid_neuron.neuron.cpu_runner import CpuRunner
 FAMILIES = ["granite", "qwen3_5", "gemma4"]
 # Port-specific knobs that select the long-context code path (e.g. several SSD chunks).
 # Gemma 4 has none: every prompt here longer than its sliding window (32) already slides.
-CHUNKED = {"granite": {"ssd_chunk_size": 16}, "qwen3_5": {}, "gemma4": {}}
+CHUNKED = {"granite": {"ssd_chunk_size": 16}, "qwen3_5": {"gdn_chunk_size": 16}, "gemma4": {}}
 
 
 @pytest.fixture(params=FAMILIES)

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vllm_hybrid_neuron.neuron import base
+from vllm_hybrid_neuron.neuron.gdn import chunk_gated_delta_rule, gated_delta_rule
 from vllm_hybrid_neuron.neuron.common import (
     RMSNorm, apply_partial_rope, attention_with_cache, read_slots, rope_cos_sin, routed_experts,
     write_slots,
@@ -48,23 +49,6 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-def gated_delta_rule(q, k, v, g, beta, state):
-    """S_t = exp(g_t) S_{t-1} + k_t (beta_t (v_t - S^T k_t))^T;  o_t = S_t^T q_t.
-
-    q, k: (B, L, H, Dk) (l2-normed, q scaled); v: (B, L, H, Dv); g, beta: (B, L, H)
-    (g = beta = 0 on padding: the state passes through untouched); state: (B, H, Dk, Dv) fp32.
-    Returns o (B, L, H, Dv) fp32 and the final state.
-    """
-    outs = []
-    for t in range(q.shape[1]):
-        state = state * torch.exp(g[:, t])[..., None, None]  # (B, H, Dk, Dv)
-        kv_mem = torch.einsum("bhkv,bhk->bhv", state, k[:, t])  # (B, H, Dv)
-        delta = (v[:, t] - kv_mem) * beta[:, t, :, None]
-        state = state + k[:, t, :, :, None] * delta[:, :, None, :]
-        outs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, t]))
-    return torch.stack(outs, 1), state
-
-
 class GatedDeltaNet(nn.Module):
     def __init__(self, config, dtype: torch.dtype) -> None:
         super().__init__()
@@ -75,6 +59,8 @@ class GatedDeltaNet(nn.Module):
         self.key_dim, self.value_dim = self.Hk * self.Dk, self.Hv * self.Dv
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.eps = config.rms_norm_eps
+        # Prefill runs the chunked WY form with this chunk (decode: one recurrence step).
+        self.chunk = int(getattr(config, "gdn_chunk_size", None) or 64)
         self.in_proj_qkv = ColumnParallelLinear(D, self.conv_dim, bias=False, gather_output=True, dtype=dtype)
         self.in_proj_z = ColumnParallelLinear(D, self.value_dim, bias=False, gather_output=True, dtype=dtype)
         self.in_proj_b = ColumnParallelLinear(D, self.Hv, bias=False, gather_output=True, dtype=dtype)
@@ -107,11 +93,15 @@ class GatedDeltaNet(nn.Module):
         q = l2norm(q.float().view(B, L, self.Hk, self.Dk)).repeat_interleave(rep, 2) * self.Dk ** -0.5
         k = l2norm(k.float().view(B, L, self.Hk, self.Dk)).repeat_interleave(rep, 2)  # (B, L, Hv, Dk)
         v = v.float().view(B, L, self.Hv, self.Dv)
+        k, v = k * m[..., None].float(), v * m[..., None].float()  # padding: no write (the conv leaks into it)
         beta = torch.sigmoid(self.in_proj_b(x).float()) * m.float()  # (B, L, Hv); 0 on padding
         g = -torch.exp(self.A_log.float()) * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
         g = g * m.float()  # padding: no decay
 
-        o, rec = gated_delta_rule(q, k, v, g, beta, rec)  # (B, L, Hv, Dv)
+        if is_prefill:
+            o, rec = chunk_gated_delta_rule(q, k, v, g, beta, rec, self.chunk)  # (B, L, Hv, Dv)
+        else:
+            o, rec = gated_delta_rule(q, k, v, g, beta, rec)
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight.float()
         o = o * F.silu(self.in_proj_z(x).float().view(B, L, self.Hv, self.Dv))  # norm, then gate
         out = self.out_proj(o.reshape(B, L, self.value_dim).to(x.dtype))

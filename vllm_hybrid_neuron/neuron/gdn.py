@@ -1,0 +1,75 @@
+"""Gated delta rule for the Qwen3.5 port: the token-by-token recurrence (reference, and decode)
+and its chunked WY/UT form (prefill).
+
+Shapes: B batch, L tokens, H value heads, Dk / Dv key / value head dims, C chunk length.
+Per token:  S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T,  o_t = S_t^T q_t
+(S: (Dk, Dv)). Padded (invalid) tokens carry g = 0, beta = 0 and zeroed k, v: the state passes
+through them untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def gated_delta_rule(q, k, v, g, beta, state):
+    """The recurrence, one token at a time.
+
+    q, k: (B, L, H, Dk) (l2-normed, q scaled); v: (B, L, H, Dv); g, beta: (B, L, H)
+    (g = beta = 0 on padding: the state passes through untouched); state: (B, H, Dk, Dv) fp32.
+    Returns o (B, L, H, Dv) fp32 and the final state.
+    """
+    outs = []
+    for t in range(q.shape[1]):
+        state = state * torch.exp(g[:, t])[..., None, None]  # (B, H, Dk, Dv)
+        kv_mem = torch.einsum("bhkv,bhk->bhv", state, k[:, t])  # (B, H, Dv)
+        delta = (v[:, t] - kv_mem) * beta[:, t, :, None]
+        state = state + k[:, t, :, :, None] * delta[:, :, None, :]
+        outs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, t]))
+    return torch.stack(outs, 1), state
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk: int = 64):
+    """The same result, chunk by chunk (arguments and returns as ``gated_delta_rule``).
+
+    Inside a chunk with cumulative decay G_i = g_1 + ... + g_i and S_0 the entering state,
+    the per-token writes w_j = beta_j (v_j - exp(g_j) S_{j-1}^T k_j) satisfy the unit lower
+    triangular system (I + A) W = beta V - (beta exp(G) K) S_0 with
+    A_ij = beta_i exp(G_i - G_j) k_i.k_j (j < i): one triangular solve per chunk gives
+    U = T beta V and Wk = T beta exp(G) K (T = (I + A)^-1, the UT transform), W = U - Wk S_0. Then
+      o_i = exp(G_i) q_i S_0 + sum_{j<=i} exp(G_i - G_j) (q_i.k_j) w_j
+      S_C = exp(G_C) S_0 + sum_j exp(G_C - G_j) k_j w_j^T.
+    Every exponent is <= 0 (g <= 0), so nothing overflows. L is padded to a multiple of
+    ``chunk`` with g = beta = 0, k = v = 0.
+    """
+    B, L, H, Dk = k.shape
+    Dv = v.shape[-1]
+    pad = (-L) % chunk
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+        g, beta = (F.pad(t, (0, 0, 0, pad)) for t in (g, beta))
+    n = q.shape[1] // chunk
+    q, k, v = (t.float().reshape(B, n, chunk, H, -1).permute(0, 3, 1, 2, 4) for t in (q, k, v))  # (B, H, n, C, D)
+    g, beta = (t.float().reshape(B, n, chunk, H).permute(0, 3, 1, 2) for t in (g, beta))  # (B, H, n, C)
+    G = torch.cumsum(g, -1)  # (B, H, n, C)
+
+    causal = torch.tril(torch.ones(chunk, chunk, dtype=torch.bool))  # j <= i
+    decay = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")))  # (B, H, n, C, C)
+    A = (beta[..., None] * decay * (k @ k.transpose(-1, -2))).tril(-1)  # (B, H, n, C, C), strictly lower
+    eye = torch.eye(chunk, dtype=A.dtype)
+    rhs = torch.cat([beta[..., None] * v, (beta * torch.exp(G))[..., None] * k], -1)  # (B, H, n, C, Dv+Dk)
+    U, Wk = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True).split([Dv, Dk], -1)
+    qk = (q @ k.transpose(-1, -2)) * decay  # (B, H, n, C, C), zero above the diagonal
+    q_decayed = torch.exp(G)[..., None] * q  # (B, H, n, C, Dk)
+    k_to_end = torch.exp(G[..., -1:] - G)[..., None] * k  # (B, H, n, C, Dk)
+    chunk_decay = torch.exp(G[..., -1])  # (B, H, n)
+
+    state = state.float()
+    outs = []
+    for c in range(n):  # across chunks: the state recurrence
+        W = U[:, :, c] - Wk[:, :, c] @ state  # (B, H, C, Dv)
+        outs.append(q_decayed[:, :, c] @ state + qk[:, :, c] @ W)  # (B, H, C, Dv)
+        state = chunk_decay[:, :, c, None, None] * state + k_to_end[:, :, c].transpose(-1, -2) @ W  # (B, H, Dk, Dv)
+    o = torch.stack(outs, 2)  # (B, H, n, C, Dv)
+    return o.permute(0, 2, 3, 1, 4).reshape(B, n * chunk, H, Dv)[:, :L], state
