@@ -70,9 +70,11 @@ def _register_cpu_models() -> None:
     from vllm import ModelRegistry
 
     from vllm_hybrid_neuron.compat import torchvision_cpu
+    from vllm_hybrid_neuron.cpu import config_hooks
 
     # Qwen3.5's vLLM module imports transformers' image processors, which import
     # torchvision; make that import work even where the venv lacks the .pth hook.
     torchvision_cpu.install()
     for arch, target in CPU_MODELS.items():
         ModelRegistry.register_model(arch, target)
+    config_hooks.install(CPU_MODELS)

@@ -3,13 +3,16 @@
     python -m vllm_hybrid_neuron.tools.generate REQUEST.json [RESULT.json]
 
 REQUEST: {"model": DIR, "dtype": "float32", "prompts": [[ids...], ...],
-          "max_tokens": 32, "llm_kwargs": {...}, "rounds": 1}
-RESULT:  {"served_classes": [...], "startup_s": ..., "rounds": [{"outputs": [[ids...]],
-          "cached_tokens": [...], "seconds": ...}], "metrics": {...}}
+          "max_tokens": 32, "llm_kwargs": {...}, "rounds": 1,
+          "later_rounds": [[[ids...], ...], ...]}   (optional: other prompts per round)
+RESULT:  {"served_classes": [...], "plugin_op_counts": [{...}], "startup_s": ...,
+          "rounds": [{"outputs": [[ids...]], "cached_tokens": [...], "seconds": ...}],
+          "metrics": {...}}
 
 One engine per process: tests run this in a subprocess so engines never overlap and a
 crashing engine fails one test, not the whole session. With "rounds" > 1 the same
-prompts are sent again on the warm engine (prefix-cache hits show in cached_tokens).
+prompts are sent again on the warm engine (prefix-cache hits show in cached_tokens);
+"later_rounds" sends other prompts after the first round instead.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def run(request: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_hybrid_neuron.tools.introspect import model_class_path
+    from vllm_hybrid_neuron.tools.introspect import model_class_path, plugin_op_counts
 
     kwargs = dict(model=request["model"], dtype=request.get("dtype", "float32"),
                   max_model_len=request.get("max_model_len", 1024), seed=0,
@@ -48,9 +51,11 @@ def run(request: dict) -> dict:
     startup = time.perf_counter() - started
     params = SamplingParams(max_tokens=request.get("max_tokens", 32), temperature=0.0,
                             ignore_eos=True)
-    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]]
+    batches = [request["prompts"]] * request.get("rounds", 1)
+    batches += request.get("later_rounds", [])
     rounds = []
-    for _ in range(request.get("rounds", 1)):
+    for batch in batches:
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in batch]
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         rounds.append({
@@ -58,7 +63,8 @@ def run(request: dict) -> dict:
             "cached_tokens": [o.num_cached_tokens or 0 for o in outs],
             "seconds": time.perf_counter() - t0,
         })
-    return {"served_classes": llm.apply_model(model_class_path), "startup_s": startup,
+    return {"served_classes": llm.apply_model(model_class_path),
+            "plugin_op_counts": llm.apply_model(plugin_op_counts), "startup_s": startup,
             "rounds": rounds, "metrics": _metrics(llm)}
 
 

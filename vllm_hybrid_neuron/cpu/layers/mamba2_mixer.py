@@ -82,8 +82,10 @@ class PluginMambaMixer2(MambaMixer2):
             return_intermediate_states=has_checkpoints, state_dtype=ssm_state.dtype,
         )  # (chunks or prefills, heads, head_dim, d_state)
         if has_checkpoints:
+            ckpt = meta.checkpoint_meta
             store_prefill_checkpoint(
-                meta.checkpoint_meta, states[meta.checkpoint_chunk_idx], x_t, conv_state,
+                ckpt.checkpoint_offsets, ckpt.state_indices, states[meta.checkpoint_chunk_idx],
+                x_t, conv_state,
                 ssm_state, meta.query_start_loc_p, state_len=self.conv_kernel_size - 1)
             states = states[meta.last_chunk_indices_p]
         ssm_state[slots] = states

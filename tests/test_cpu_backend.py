@@ -1,0 +1,118 @@
+"""CPU backend: Granite's Mamba2 and Qwen3.5's Gated DeltaNet layers on the plugin's ops.
+
+For each family and dtype, one baseline engine (no speculation, no prefix caching)
+gives reference tokens; engines with ngram speculation (1 and 3 drafts), with prefix
+caching (the default) and with tensor parallelism must reproduce them exactly, and the
+baseline must agree with transformers. Greedy, 48 tokens, 5 concurrent prompts of 5 to
+700 tokens crossing several cache blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from helpers import MARGIN, check_against_hf, hf_model, run_vllm
+
+pytestmark = pytest.mark.slow
+
+FAMILIES = ["granite", "qwen3_5"]
+DTYPES = ["float32", "bfloat16"]
+MAX_TOKENS = 48
+EXPECTED_OPS = {"granite": {"mamba2_prefill", "mamba2_decode"},
+                "qwen3_5": {"gdn_prefill", "gdn_decode"}}
+NGRAM = {"method": "ngram", "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+def _prompts(model_dir: str) -> tuple[list[list[int]], list[int]]:
+    """Five prompts (5, 16, 64, 300 and 700 tokens; the short ones repetitive, so
+    ngram drafts exist) and a sixth sharing the 700-token one's first 650 tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    story = ids(("Serving a language model means batching requests, caching keys and "
+                 "values, and streaming tokens back to each client. ") * 40)
+    prompts = [ids("Hello, my name is")[:5], ids("a b c d a b c d a b c d a b c d")[:16],
+               ids("1 2 3 4 5 1 2 3 4 5 1 2 3 4 5 " * 4)[:64], story[:300], story[:700]]
+    assert [len(p) for p in prompts] == [5, 16, 64, 300, 700]
+    shared = story[:650] + ids(" The capital of France is Paris.")
+    return prompts, shared
+
+
+@functools.cache
+def _run(model_dir: str, dtype: str, mode: str) -> dict:
+    prompts, shared = _prompts(model_dir)
+    request = {"model": model_dir, "dtype": dtype, "prompts": prompts + [shared],
+               "max_tokens": MAX_TOKENS, "max_model_len": 1024,
+               "llm_kwargs": {"enable_prefix_caching": False}}
+    env = None
+    if mode == "prefix_caching":
+        # Cold batch, then the same batch again, then a prompt sharing a long prefix.
+        request.update(prompts=prompts, rounds=2, later_rounds=[[shared]], llm_kwargs={})
+    elif mode.startswith("ngram"):
+        request["llm_kwargs"]["speculative_config"] = {
+            **NGRAM, "num_speculative_tokens": int(mode[len("ngram"):])}
+    elif mode == "tp2":
+        request["llm_kwargs"]["tensor_parallel_size"] = 2
+        env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    return run_vllm(request, env=env)
+
+
+@pytest.fixture(params=[(f, d) for f in FAMILIES for d in DTYPES],
+                ids=[f"{f}-{d}" for f in FAMILIES for d in DTYPES])
+def case(request, tiny_model_dir):
+    family, dtype = request.param
+    return family, dtype, tiny_model_dir(family)
+
+
+def _baseline(model_dir, dtype):
+    return _run(model_dir, dtype, "baseline")["rounds"][0]["outputs"]
+
+
+def test_baseline_matches_transformers_on_plugin_ops(case):
+    family, dtype, model_dir = case
+    result = _run(model_dir, dtype, "baseline")
+    counts = result["plugin_op_counts"][0]
+    assert EXPECTED_OPS[family] <= {k for k, v in counts.items() if v > 0}, counts
+    prompts, shared = _prompts(model_dir)
+    model = hf_model(model_dir)
+    for prompt, generated in zip(prompts + [shared], result["rounds"][0]["outputs"]):
+        check = check_against_hf(model, prompt, generated)
+        assert check.worst_deficit <= MARGIN[dtype], (len(prompt), check)
+
+
+@pytest.mark.parametrize("drafts", [1, 3])
+def test_ngram_speculation_keeps_greedy_tokens(case, drafts):
+    family, dtype, model_dir = case
+    result = _run(model_dir, dtype, f"ngram{drafts}")
+    assert result["rounds"][0]["outputs"] == _baseline(model_dir, dtype)
+    metrics = result["metrics"]
+    proposed = metrics["vllm:spec_decode_num_draft_tokens"]
+    accepted = metrics["vllm:spec_decode_num_accepted_tokens"]
+    assert 0 < accepted < proposed, metrics  # drafts both accepted and rejected
+    counts = result["plugin_op_counts"][0]
+    decode_op = "mamba2_decode" if family == "granite" else "gdn_spec_decode"
+    assert counts.get(decode_op, 0) > 0, counts
+
+
+def test_prefix_caching_keeps_greedy_tokens_and_hits(case):
+    family, dtype, model_dir = case
+    result = _run(model_dir, dtype, "prefix_caching")
+    baseline = _baseline(model_dir, dtype)
+    cold, warm, shared = result["rounds"]
+    assert cold["outputs"] == baseline[:5]
+    assert warm["outputs"] == baseline[:5]
+    assert shared["outputs"] == baseline[5:]
+    assert warm["cached_tokens"][4] > 0  # the repeated 700-token prompt hits
+    assert shared["cached_tokens"][0] > 0  # and so does one sharing its prefix
+
+
+@pytest.mark.parametrize("dtype", ["float32"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensor_parallel_2_keeps_greedy_tokens(tiny_model_dir, family, dtype):
+    model_dir = tiny_model_dir(family)
+    result = _run(model_dir, dtype, "tp2")
+    assert len(result["served_classes"]) == 2
+    assert result["rounds"][0]["outputs"] == _baseline(model_dir, dtype)
