@@ -1,14 +1,86 @@
 // Mamba2 selective_state_update (decode and speculative decode).
-// Every (sequence, head) is one work item; the state is streamed once, row by row:
-// for each row d all tokens of the sequence are applied while the row sits in registers,
-// and the row is written to the destination slot(s) right away.
+// One work item = (sequence b, head h). Its state block (P x N) is streamed once, row by row:
+// row p is loaded, all L tokens of the sequence are applied while it sits in registers, and the
+// row after token t is stored to token t's destination slot (plain decode: one slot, in place).
 #include "common.h"
 
 namespace vhn {
 namespace {
 
-constexpr int64_t kMaxTok = 16;
-constexpr int64_t kMaxN = 256;  // dstate limit
+constexpr int64_t kMaxTok = 16;   // tokens per sequence (1 + drafts)
+constexpr int64_t kMaxP = 256;    // headdim limit
+constexpr int64_t kMaxN = 256;    // dstate limit
+constexpr int kRows = 8;          // rows per step of the plain-decode block kernel
+
+inline float hsum(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, v);
+}
+
+// One state row through L tokens:
+//   s = s * dA[t] + bx[t] * B[t];  y[t] = s . C[t];  row after token t -> dst[t] (if not null)
+// src: (N,) or null (zero state); B[t], C[t]: (N,) fp32; Arow: (N,) per-element A or null.
+template <typename S>
+inline void row_update(const S* src, S* const* dst, const float* const* B, const float* const* C,
+                       const float* dA, const float* dt, const float* bx, const float* Arow,
+                       int64_t L, int64_t N, float* y) {
+  if (L == 1 && Arow == nullptr) {  // plain decode: one fused read-update-write pass
+    const fVec da(dA[0]), b(bx[0]);
+    fVec acc(0.f);
+    int64_t n = 0;
+    for (; n + kVecF <= N; n += kVecF) {
+      fVec s = src ? vload(src + n, kVecF) : fVec(0.f);
+      s = at::vec::fmadd(fVec::loadu(B[0] + n), b, s * da);
+      acc = at::vec::fmadd(s, fVec::loadu(C[0] + n), acc);
+      if (dst[0]) vstore(dst[0] + n, s, kVecF);
+    }
+    if (n < N) {
+      const int64_t cnt = N - n;
+      fVec s = src ? vload(src + n, cnt) : fVec(0.f);
+      s = at::vec::fmadd(fVec::loadu(B[0] + n, cnt), b, s * da);
+      acc = at::vec::fmadd(s, fVec::loadu(C[0] + n, cnt), acc);
+      if (dst[0]) vstore(dst[0] + n, s, cnt);
+    }
+    y[0] = hsum(acc);
+    return;
+  }
+  fVec acc[kMaxTok];
+  for (int64_t t = 0; t < L; ++t) acc[t] = fVec(0.f);
+  for (int64_t n = 0; n < N; n += kVecF) {
+    const int64_t cnt = std::min(kVecF, N - n);
+    fVec s = src ? vload(src + n, cnt) : fVec(0.f);
+    const fVec a = Arow ? fVec::loadu(Arow + n, cnt) : fVec(0.f);
+    for (int64_t t = 0; t < L; ++t) {
+      const fVec da = Arow ? (a * fVec(dt[t])).exp() : fVec(dA[t]);
+      s = at::vec::fmadd(fVec::loadu(B[t] + n, cnt), fVec(bx[t]), s * da);
+      acc[t] = at::vec::fmadd(s, fVec::loadu(C[t] + n, cnt), acc[t]);
+      if (dst[t]) vstore(dst[t] + n, s, cnt);
+    }
+  }
+  for (int64_t t = 0; t < L; ++t) y[t] = hsum(acc[t]);
+}
+
+// Plain decode of a whole head block, R rows at a time so that more independent loads are in
+// flight: s[p] = s[p] * dA[p] + bx[p] * B;  y[p] = s[p] . C.  src/dst: row p at p * s2; N % kVecF == 0.
+template <typename S, int R>
+inline void plain_block(const S* src, S* dst, int64_t s2, const float* B, const float* C,
+                        const float* dA, const float* bx, int64_t P, int64_t N, float* y) {
+  for (int64_t p = 0; p < P; p += R) {
+    fVec acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = fVec(0.f);
+    for (int r = 0; r < R; ++r) {  // rows in memory order: the hardware prefetcher sees one stream
+      const S* sr = src ? src + (p + r) * s2 : nullptr;
+      S* dr = dst ? dst + (p + r) * s2 : nullptr;
+      const fVec da(dA[p + r]), bxr(bx[p + r]);
+      for (int64_t n = 0; n < N; n += kVecF) {
+        fVec s = sr ? vload(sr + n, kVecF) : fVec(0.f);
+        s = at::vec::fmadd(fVec::loadu(B + n), bxr, s * da);
+        acc[r] = at::vec::fmadd(s, fVec::loadu(C + n), acc[r]);
+        if (dr) vstore(dr + n, s, kVecF);
+      }
+    }
+    for (int r = 0; r < R; ++r) y[p + r] = hsum(acc[r]);
+  }
+}
 
 template <typename S, typename X>
 void ssu_impl(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
@@ -16,28 +88,43 @@ void ssu_impl(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, cons
               const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& dt_bias, bool dt_softplus,
               const c10::optional<at::Tensor>& sbi, const c10::optional<at::Tensor>& dsbi, int64_t null_id,
               at::Tensor& out, const c10::optional<at::Tensor>& nacc, const c10::optional<at::Tensor>& cu) {
+  // state: (slots, H, P, N); x, dt, z, out: (T, H, P); A: (H, P, N); B, C: (T, G, N); D, dt_bias: (H, P)
   const int64_t H = state.size(1), P = state.size(2), N = state.size(3), G = B.size(1);
   const int64_t batch = cu.has_value() ? cu->size(0) - 1 : x.size(0);
   const int64_t ratio = H / G;
   const bool spec = nacc.has_value();
   const bool a_per_elem = A.stride(2) != 0;
-  const bool tied = dt.stride(2) == 0 && A.stride(1) == 0 && !a_per_elem &&
-                    (!dt_bias.has_value() || dt_bias->stride(1) == 0);
+  const bool tied = dt.stride(2) == 0 && A.stride(1) == 0 && (!dt_bias.has_value() || dt_bias->stride(1) == 0);
+  TORCH_CHECK(state.stride(3) == 1, "selective_state_update: state must be contiguous in dstate");
+  TORCH_CHECK(N <= kMaxN && P <= kMaxP, "selective_state_update: dstate and headdim must be <= 256");
+
+  // B, C once in fp32: (T, G, N) contiguous, a few KiB.
+  const at::Tensor Bf = B.to(at::kFloat).contiguous(), Cf = C.to(at::kFloat).contiguous();
+  const float* Bp = Bf.const_data_ptr<float>();
+  const float* Cp = Cf.const_data_ptr<float>();
+  const float* Ap = a_per_elem ? A.const_data_ptr<float>() : nullptr;
   S* sp = state.mutable_data_ptr<S>();
   const X* xp = x.const_data_ptr<X>();
-  X* op = out.mutable_data_ptr<X>();
   const X* zp = z.has_value() ? z->const_data_ptr<X>() : nullptr;
+  X* op = out.mutable_data_ptr<X>();
   const int64_t s0 = state.stride(0), s1 = state.stride(1), s2 = state.stride(2);
-  TORCH_CHECK(state.stride(3) == 1, "selective_state_update: state must be contiguous in dstate");
-  TORCH_CHECK(N <= kMaxN, "selective_state_update: dstate > 256");
+  const int64_t x0 = x.stride(0), x1 = x.stride(1), x2 = x.stride(2);
+  const int64_t o0 = out.stride(0), o1 = out.stride(1), o2 = out.stride(2);
+  const int64_t z0 = zp ? z->stride(0) : 0, z1 = zp ? z->stride(1) : 0, z2 = zp ? z->stride(2) : 0;
+  const int64_t t0 = dt.stride(0), t1 = dt.stride(1), t2 = dt.stride(2);
+  const int64_t a0 = A.stride(0), a1 = A.stride(1);
+  const int64_t d0 = D.has_value() ? D->stride(0) : 0, d1 = D.has_value() ? D->stride(1) : 0;
+  const int64_t b0 = dt_bias.has_value() ? dt_bias->stride(0) : 0, b1 = dt_bias.has_value() ? dt_bias->stride(1) : 0;
   const auto& dsb = dsbi.has_value() ? dsbi : sbi;
+  const int64_t sb0 = sbi.has_value() ? sbi->stride(0) : 0, sb1 = sbi.has_value() ? sbi->stride(1) : 0;
+  const int64_t db0 = dsb.has_value() ? dsb->stride(0) : 0, db1 = dsb.has_value() ? dsb->stride(1) : 0;
+  const FAcc fD(D), fbias(dt_bias), fA(A), fdt(dt);
 
-  const FAcc fB(B), fC(C), fD(D), fbias(dt_bias), fA(A), fdt(dt);
   at::parallel_for(0, batch * H, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float Bv[kMaxTok][kMaxN], Cv[kMaxTok][kMaxN];
-    float dtv[kMaxTok], xv[kMaxTok], dA[kMaxTok], outv[kMaxTok];
-    int64_t dst[kMaxTok];
-    fVec acc[kMaxTok];
+    float dtv[kMaxTok][kMaxP], dAv[kMaxTok][kMaxP], xv[kMaxTok][kMaxP];  // per token, per row
+    const float* Bt[kMaxTok];
+    const float* Ct[kMaxTok];
+    S* dst[kMaxTok];
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = it / H, h = it % H, g = h / ratio;
       int64_t bos = b, L = 1;
@@ -47,77 +134,63 @@ void ssu_impl(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, cons
       }
       if (L <= 0) continue;
       TORCH_CHECK(L <= kMaxTok, "selective_state_update: at most 16 tokens per sequence");
-      // source slot: column num_accepted-1 in speculative mode
-      int64_t src = b;
-      const int64_t init_col = spec ? std::max<int64_t>(geti(*nacc, b * nacc->stride(0)) - 1, 0) : 0;
-      if (sbi.has_value()) src = geti(*sbi, b * sbi->stride(0) + init_col * sbi->stride(1));
+      // source slot (speculative: column num_accepted - 1); null -> zero state, nothing written
+      const int64_t col = spec ? std::max<int64_t>(geti(*nacc, b * nacc->stride(0)) - 1, 0) : 0;
+      const int64_t src = sbi.has_value() ? geti(*sbi, b * sb0 + col * sb1) : b;
       const bool valid = !(sbi.has_value() && (src == null_id || src < 0));
-      // destination slots: per token (spec) or one after the last token
       for (int64_t t = 0; t < L; ++t) {
-        dst[t] = -1;
-        if (!valid) continue;
-        if (spec) {
-          const int64_t d = geti(*dsb, b * dsb->stride(0) + t * dsb->stride(1));
-          dst[t] = (d == null_id || d < 0) ? -1 : d;
-        } else if (t == L - 1) {
-          dst[t] = dsb.has_value() ? geti(*dsb, b * dsb->stride(0)) : b;
-          if (dst[t] == null_id && dsb.has_value()) dst[t] = -1;
+        int64_t d = -1;
+        if (valid && (spec || t == L - 1)) {
+          d = dsb.has_value() ? geti(*dsb, b * db0 + (spec ? t : 0) * db1) : b;
+          if (dsb.has_value() && (d == null_id || d < 0)) d = -1;
         }
-      }
-      for (int64_t t = 0; t < L; ++t) {
+        dst[t] = d >= 0 ? sp + d * s0 + h * s1 : nullptr;
         const int64_t tok = bos + t;
-        for (int64_t n = 0; n < N; ++n) {
-          Bv[t][n] = fB( tok * B.stride(0) + g * B.stride(1) + n * B.stride(2));
-          Cv[t][n] = fC( tok * C.stride(0) + g * C.stride(1) + n * C.stride(2));
-        }
-        for (int64_t n = N; n < kMaxN && n < N + kVecF; ++n) Bv[t][n] = Cv[t][n] = 0.f;  // vector tail
-      }
-      const S* srow0 = sp + src * s0 + h * s1;
-      for (int64_t d = 0; d < P; ++d) {
-        const float Dd = D.has_value() ? fD( h * D->stride(0) + d * D->stride(1)) : 0.f;
-        const float bias = dt_bias.has_value() ? fbias( h * dt_bias->stride(0) + d * dt_bias->stride(1)) : 0.f;
-        const float Ahd = fA( h * A.stride(0) + d * A.stride(1));
-        for (int64_t t = 0; t < L; ++t) {
-          const int64_t tok = bos + t;
-          xv[t] = tof(xp[tok * x.stride(0) + h * x.stride(1) + d * x.stride(2)]);
-          if (tied && d > 0) continue;  // dt, dA identical for every row of the head
-          float dtt = fdt( tok * dt.stride(0) + h * dt.stride(1) + d * dt.stride(2)) + bias;
+        Bt[t] = Bp + (tok * G + g) * N;
+        Ct[t] = Cp + (tok * G + g) * N;
+        // dt, dA, x per row (dt and dA computed once when tied across the head's rows)
+        for (int64_t p = 0; p < P; ++p) {
+          xv[t][p] = tof(xp[tok * x0 + h * x1 + p * x2]);
+          if (tied && p > 0) {
+            dtv[t][p] = dtv[t][0];
+            dAv[t][p] = dAv[t][0];
+            continue;
+          }
+          float dtt = fdt(tok * t0 + h * t1 + p * t2) + (dt_bias.has_value() ? fbias(h * b0 + p * b1) : 0.f);
           if (dt_softplus) dtt = softplus(dtt);
-          dtv[t] = dtt;
-          dA[t] = std::exp(Ahd * dtt);
+          dtv[t][p] = dtt;
+          dAv[t][p] = a_per_elem ? 0.f : std::exp(fA(h * a0 + p * a1) * dtt);
         }
-        const S* srow = srow0 + d * s2;
-        for (int64_t t = 0; t < L; ++t) acc[t] = fVec(0.f);
-        if (L == 1 && !a_per_elem) {  // plain decode: one fused read-update-write pass
-          fVec a0(0.f);
-          const fVec da(dA[0]), bx(dtv[0] * xv[0]);
-          S* drow = dst[0] >= 0 ? sp + dst[0] * s0 + h * s1 + d * s2 : nullptr;
-          for (int64_t n = 0; n < N; n += kVecF) {
-            const int64_t cnt = std::min(kVecF, N - n);
-            fVec s = valid ? vload(srow + n, cnt) : fVec(0.f);
-            s = at::vec::fmadd(s, da, fVec::loadu(Bv[0] + n) * bx);
-            a0 = at::vec::fmadd(s, fVec::loadu(Cv[0] + n), a0);
-            if (drow) vstore(drow + n, s, cnt);
-          }
-          acc[0] = a0;
-        } else
-        for (int64_t n = 0; n < N; n += kVecF) {
-          const int64_t cnt = std::min(kVecF, N - n);
-          fVec s = valid ? vload(srow + n, cnt) : fVec(0.f);
-          for (int64_t t = 0; t < L; ++t) {
-            fVec da = a_per_elem
-                ? (vload(A.const_data_ptr<float>() + h * A.stride(0) + d * A.stride(1) + n, cnt) * fVec(dtv[t])).exp()
-                : fVec(dA[t]);
-            s = at::vec::fmadd(s, da, fVec::loadu(Bv[t] + n) * fVec(dtv[t] * xv[t]));
-            acc[t] = at::vec::fmadd(s, fVec::loadu(Cv[t] + n), acc[t]);
-            if (dst[t] >= 0) vstore(sp + dst[t] * s0 + h * s1 + d * s2 + n, s, cnt);
-          }
+      }
+      const S* src0 = valid ? sp + src * s0 + h * s1 : nullptr;
+      if (L == 1 && !Ap && N % kVecF == 0 && P % kRows == 0) {
+        float bx[kMaxP], y[kMaxP];
+        for (int64_t p = 0; p < P; ++p) bx[p] = dtv[0][p] * xv[0][p];
+        plain_block<S, kRows>(src0, dst[0], s2, Bt[0], Ct[0], dAv[0], bx, P, N, y);
+        for (int64_t p = 0; p < P; ++p) {
+          float o = y[p] + (D.has_value() ? fD(h * d0 + p * d1) : 0.f) * xv[0][p];
+          if (zp) o *= silu(tof(zp[bos * z0 + h * z1 + p * z2]));
+          op[bos * o0 + h * o1 + p * o2] = X(o);
         }
+        continue;
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        float dA[kMaxTok], dtp[kMaxTok], bx[kMaxTok], y[kMaxTok];
+        S* drow[kMaxTok];
+        for (int64_t t = 0; t < L; ++t) {
+          dA[t] = dAv[t][p];
+          dtp[t] = dtv[t][p];
+          bx[t] = dtv[t][p] * xv[t][p];
+          drow[t] = dst[t] ? dst[t] + p * s2 : nullptr;
+        }
+        row_update<S>(src0 ? src0 + p * s2 : nullptr, drow, Bt, Ct, dA, dtp, bx,
+                      Ap ? Ap + h * a0 + p * a1 : nullptr, L, N, y);
+        const float Dp = D.has_value() ? fD(h * d0 + p * d1) : 0.f;
         for (int64_t t = 0; t < L; ++t) {
           const int64_t tok = bos + t;
-          float o = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc[t]) + Dd * xv[t];
-          if (zp) o *= silu(tof(zp[tok * z->stride(0) + h * z->stride(1) + d * z->stride(2)]));
-          op[tok * out.stride(0) + h * out.stride(1) + d * out.stride(2)] = X(o);
+          float o = y[t] + Dp * xv[t][p];
+          if (zp) o *= silu(tof(zp[tok * z0 + h * z1 + p * z2]));
+          op[tok * o0 + h * o1 + p * o2] = X(o);
         }
       }
     }

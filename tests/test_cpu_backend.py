@@ -25,18 +25,26 @@ EXPECTED_OPS = {"granite": {"mamba2_prefill", "mamba2_decode"},
 NGRAM = {"method": "ngram", "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 
 
+@functools.cache
 def _prompts(model_dir: str) -> tuple[list[list[int]], list[int]]:
-    """Five prompts (5, 16, 64, 300 and 700 tokens; the short ones repetitive, so
-    ngram drafts exist) and a sixth sharing the 700-token one's first 650 tokens."""
+    """Six prompts - 5, 16, 64, 300 and 700 tokens, and an "echo" prompt that repeats
+    the first one after transformers' own greedy continuation of it (so ngram drafts
+    are proposed and some accepted) - and a seventh sharing the 700-token one's first
+    650 tokens."""
+    import torch
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     story = ids(("Serving a language model means batching requests, caching keys and "
                  "values, and streaming tokens back to each client. ") * 40)
-    prompts = [ids("Hello, my name is")[:5], ids("a b c d a b c d a b c d a b c d")[:16],
-               ids("1 2 3 4 5 1 2 3 4 5 1 2 3 4 5 " * 4)[:64], story[:300], story[:700]]
-    assert [len(p) for p in prompts] == [5, 16, 64, 300, 700]
+    hello = ids("Hello, my name is")[:5]
+    continuation = hf_model(model_dir).generate(
+        torch.tensor([hello]), max_new_tokens=24, min_new_tokens=24, do_sample=False)[0]
+    echo = continuation.tolist() + hello
+    prompts = [hello, ids("a b c d a b c d a b c d a b c d")[:16],
+               ids("1 2 3 4 5 1 2 3 4 5 1 2 3 4 5 " * 4)[:64], story[:300], story[:700], echo]
+    assert [len(p) for p in prompts] == [5, 16, 64, 300, 700, 34]
     shared = story[:650] + ids(" The capital of France is Paris.")
     return prompts, shared
 
@@ -50,7 +58,10 @@ def _run(model_dir: str, dtype: str, mode: str) -> dict:
     env = None
     if mode == "prefix_caching":
         # Cold batch, then the same batch again, then a prompt sharing a long prefix.
-        request.update(prompts=prompts, rounds=2, later_rounds=[[shared]], llm_kwargs={})
+        # A 2048-token step budget prefills the 700-token prompt in one step, so its
+        # reusable state is the mid-prefill checkpoint the plugin's layers write.
+        request.update(prompts=prompts, rounds=2, later_rounds=[[shared]],
+                       llm_kwargs={"max_num_batched_tokens": 2048})
     elif mode.startswith("ngram"):
         request["llm_kwargs"]["speculative_config"] = {
             **NGRAM, "num_speculative_tokens": int(mode[len("ngram"):])}
@@ -102,9 +113,9 @@ def test_prefix_caching_keeps_greedy_tokens_and_hits(case):
     result = _run(model_dir, dtype, "prefix_caching")
     baseline = _baseline(model_dir, dtype)
     cold, warm, shared = result["rounds"]
-    assert cold["outputs"] == baseline[:5]
-    assert warm["outputs"] == baseline[:5]
-    assert shared["outputs"] == baseline[5:]
+    assert cold["outputs"] == baseline[:6]
+    assert warm["outputs"] == baseline[:6]
+    assert shared["outputs"] == baseline[6:]
     assert warm["cached_tokens"][4] > 0  # the repeated 700-token prompt hits
     assert shared["cached_tokens"][0] > 0  # and so does one sharing its prefix
 

@@ -137,8 +137,8 @@ def _randomize_unit_params(model, generator) -> None:
 
 
 def build(family: str, out: str | Path, preset: str = "tiny", seed: int = 0,
-          overrides: dict[str, Any] | None = None) -> Path:
-    """Write config, safetensors weights and tokenizer for ``family`` to ``out``."""
+          overrides: dict[str, Any] | None = None, dtype: str = "float32") -> Path:
+    """Write config, safetensors weights (in ``dtype``) and tokenizer for ``family``."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -158,10 +158,12 @@ def build(family: str, out: str | Path, preset: str = "tiny", seed: int = 0,
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomize_unit_params(model, torch.Generator().manual_seed(seed + 1))
+    model = model.to(getattr(torch, dtype))  # drawn in fp32 whatever the saved dtype
     model.generation_config.update(**ids)
     model.save_pretrained(str(out), safe_serialization=True)
     (out / "tiny_model.json").write_text(json.dumps(
-        {"family": family, "preset": preset, "seed": seed, "overrides": overrides or {}},
+        {"family": family, "preset": preset, "seed": seed, "dtype": dtype,
+         "overrides": overrides or {}},
         indent=2) + "\n")
     return out
 
@@ -185,10 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (JSON value), repeatable")
     args = parser.parse_args(argv)
-    path = build(args.family, args.out, args.preset, args.seed, _parse_set(args.set))
+    path = build(args.family, args.out, args.preset, args.seed, _parse_set(args.set),
+                 args.dtype)
     print(path)
 
 

@@ -56,9 +56,14 @@ def build_tokenizer(vocab_size: int):
     # Repeat the corpus with numbered lines so there are always enough merges.
     lines = [f"{i} {line}" for i in range(64) for line in _CORPUS.splitlines()]
     core.train_from_iterator(lines, trainer=trainer)
+    # Large vocabularies (realistic-width presets) outgrow the corpus's merges: fill
+    # the rest with reserved tokens so every id the model can emit still decodes.
+    missing = vocab_size - core.get_vocab_size()
+    if missing > 0:
+        core.add_special_tokens([f"<|reserved_{i}|>" for i in range(missing)])
     if core.get_vocab_size() != vocab_size:
         raise RuntimeError(
-            f"tokenizer trained to {core.get_vocab_size()} ids, expected {vocab_size}"
+            f"tokenizer has {core.get_vocab_size()} ids, expected {vocab_size}"
         )
     return PreTrainedTokenizerFast(
         tokenizer_object=core,

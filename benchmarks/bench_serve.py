@@ -1,0 +1,123 @@
+"""End-to-end serving benchmark: the plugin against vLLM 0.32's native CPU path.
+
+    .venv/bin/python benchmarks/bench_serve.py --family granite [--runs 3] [--quick]
+
+Builds a random checkpoint with realistic layer widths (fewer layers), then in one run
+serves it twice with `vllm serve` - once with the plugin, once with VLLM_PLUGINS set so
+the plugin is not loaded (vLLM's native CPU path) - and drives each with
+`vllm bench serve` (random dataset; 1024 in / 128 out and 128 in / 512 out;
+concurrency 1 and 4; both cores bound). Writes benchmarks/results/serve-<family>.json
+and .md (medians of --runs, and plugin/native ratios); plot_serve.py draws the PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from vllm_hybrid_neuron.tools.server import VllmServer, vllm_executable
+from vllm_hybrid_neuron.tools.tiny import build
+
+RESULTS = Path(__file__).parent / "results"
+
+# Realistic layer widths with fewer layers and a 32k vocabulary (bf16).
+CHECKPOINTS = {
+    # granite-4.0-h-tiny widths, 8 layers (7 Mamba2 + 1 attention), 32 experts top-6.
+    "granite": ("granite-4.0-h-tiny", {
+        "num_hidden_layers": 8, "vocab_size": 32768, "num_local_experts": 32,
+        "layer_types": ["linear_attention"] * 3 + ["full_attention"]
+        + ["linear_attention"] * 4}),
+    # Qwen3.5-35B-A3B GDN widths (16 key / 32 value heads of 128), 4 layers
+    # (3 GDN + 1 attention), 32 experts top-8.
+    "qwen3_5": ("qwen3.5-35b-a3b", {
+        "num_hidden_layers": 4, "vocab_size": 32768, "num_experts": 32,
+        "layer_types": ["linear_attention"] * 3 + ["full_attention"]}),
+}
+WORKLOADS = [(1024, 128), (128, 512)]
+CONCURRENCY = [1, 4]
+METRICS = ["median_ttft_ms", "median_tpot_ms", "output_throughput"]
+
+
+def bench_once(server: VllmServer, model_dir: str, inp: int, out: int, conc: int,
+               num_prompts: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [vllm_executable(), "bench", "serve", "--backend", "vllm",
+               "--base-url", server.base_url, "--model", "bench", "--tokenizer", model_dir,
+               "--dataset-name", "random", "--random-input-len", str(inp),
+               "--random-output-len", str(out), "--num-prompts", str(num_prompts),
+               "--max-concurrency", str(conc), "--ignore-eos", "--seed", "0",
+               "--save-result", "--result-dir", tmp, "--result-filename", "r.json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
+        result = json.loads((Path(tmp) / "r.json").read_text())
+    return {m: result[m] for m in METRICS}
+
+
+def serve_and_bench(model_dir: str, plugin: bool, runs: int, quick: bool) -> dict:
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    if not plugin:
+        env["VLLM_PLUGINS"] = "none"  # load no general plugin: vLLM's native classes
+    args = ["--served-model-name", "bench", "--dtype", "bfloat16", "--max-model-len", "2048",
+            "--enforce-eager", "--no-enable-prefix-caching"]
+    table = {}
+    with VllmServer(model_dir, args, env=env, ready_timeout=900) as server:
+        assert ("vllm-hybrid-neuron" in server.log()) == plugin
+        bench_once(server, model_dir, 64, 16, 1, 2)  # warm-up
+        for inp, out in WORKLOADS:
+            for conc in CONCURRENCY:
+                num_prompts = conc * (1 if quick else 2)
+                samples = [bench_once(server, model_dir, inp, out, conc, num_prompts)
+                           for _ in range(runs)]
+                key = f"in{inp}-out{out}-c{conc}"
+                table[key] = {m: statistics.median(s[m] for s in samples) for m in METRICS}
+                table[key]["samples"] = samples
+                print(key, "plugin" if plugin else "native", table[key], flush=True)
+    return table
+
+
+def write_markdown(family: str, results: dict, path: Path) -> None:
+    lines = [f"| {family} workload | TTFT ms (plugin / native = ratio) | "
+             "TPOT ms (plugin / native = ratio) | output tok/s (plugin / native = ratio) |",
+             "|---|---|---|---|"]
+    for key in results["plugin"]:
+        cells = []
+        for m in METRICS:
+            p, n = results["plugin"][key][m], results["native"][key][m]
+            cells.append(f"{p:.1f} / {n:.1f} = **{p / n:.2f}x**")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=sorted(CHECKPOINTS), required=True)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="fewer prompts per run")
+    parser.add_argument("--model-dir", help="reuse a checkpoint built earlier")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    preset, overrides = CHECKPOINTS[args.family]
+    model_dir = args.model_dir or tempfile.mkdtemp(prefix=f"bench-{args.family}-")
+    if not (Path(model_dir) / "config.json").exists():
+        t0 = time.time()
+        build(args.family, model_dir, preset=preset, overrides=overrides, dtype="bfloat16")
+        print(f"built {model_dir} in {time.time() - t0:.0f}s", flush=True)
+    results = {"family": args.family, "preset": preset, "overrides": overrides,
+               "runs": args.runs}
+    for plugin in (True, False):
+        results["plugin" if plugin else "native"] = serve_and_bench(
+            model_dir, plugin, args.runs, args.quick)
+    out = RESULTS / f"serve-{args.family}"
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(args.family, results, out.with_suffix(".md"))
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
