@@ -3,6 +3,7 @@
 // row p is loaded, all L tokens of the sequence are applied while it sits in registers, and the
 // row after token t is stored to token t's destination slot (plain decode: one slot, in place).
 #include "common.h"
+#include <immintrin.h>
 
 namespace vhn {
 namespace {
@@ -10,39 +11,18 @@ namespace {
 constexpr int64_t kMaxTok = 16;   // tokens per sequence (1 + drafts)
 constexpr int64_t kMaxP = 256;    // headdim limit
 constexpr int64_t kMaxN = 256;    // dstate limit
-constexpr int kRows = 8;          // rows per step of the plain-decode block kernel
 
 inline float hsum(const fVec& v) {
   return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, v);
 }
 
-// One state row through L tokens:
+// One state row through L tokens (general path: any dstate, per-element A):
 //   s = s * dA[t] + bx[t] * B[t];  y[t] = s . C[t];  row after token t -> dst[t] (if not null)
 // src: (N,) or null (zero state); B[t], C[t]: (N,) fp32; Arow: (N,) per-element A or null.
 template <typename S>
 inline void row_update(const S* src, S* const* dst, const float* const* B, const float* const* C,
                        const float* dA, const float* dt, const float* bx, const float* Arow,
                        int64_t L, int64_t N, float* y) {
-  if (L == 1 && Arow == nullptr) {  // plain decode: one fused read-update-write pass
-    const fVec da(dA[0]), b(bx[0]);
-    fVec acc(0.f);
-    int64_t n = 0;
-    for (; n + kVecF <= N; n += kVecF) {
-      fVec s = src ? vload(src + n, kVecF) : fVec(0.f);
-      s = at::vec::fmadd(fVec::loadu(B[0] + n), b, s * da);
-      acc = at::vec::fmadd(s, fVec::loadu(C[0] + n), acc);
-      if (dst[0]) vstore(dst[0] + n, s, kVecF);
-    }
-    if (n < N) {
-      const int64_t cnt = N - n;
-      fVec s = src ? vload(src + n, cnt) : fVec(0.f);
-      s = at::vec::fmadd(fVec::loadu(B[0] + n, cnt), b, s * da);
-      acc = at::vec::fmadd(s, fVec::loadu(C[0] + n, cnt), acc);
-      if (dst[0]) vstore(dst[0] + n, s, cnt);
-    }
-    y[0] = hsum(acc);
-    return;
-  }
   fVec acc[kMaxTok];
   for (int64_t t = 0; t < L; ++t) acc[t] = fVec(0.f);
   for (int64_t n = 0; n < N; n += kVecF) {
@@ -59,27 +39,89 @@ inline void row_update(const S* src, S* const* dst, const float* const* B, const
   for (int64_t t = 0; t < L; ++t) y[t] = hsum(acc[t]);
 }
 
-// Plain decode of a whole head block, R rows at a time so that more independent loads are in
-// flight: s[p] = s[p] * dA[p] + bx[p] * B;  y[p] = s[p] . C.  src/dst: row p at p * s2; N % kVecF == 0.
-template <typename S, int R>
+// Plain decode of a whole head block with dstate = NV vectors, B and C held in registers (so the
+// loop issues only the state's own loads and stores):
+//   s[p] = s[p] * dA[p] + bx[p] * B;  y[p] = s[p] . C.   src/dst: row p at p * s2 (null: zeros / no write).
+template <typename S, int NV>
 inline void plain_block(const S* src, S* dst, int64_t s2, const float* B, const float* C,
-                        const float* dA, const float* bx, int64_t P, int64_t N, float* y) {
-  for (int64_t p = 0; p < P; p += R) {
-    fVec acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = fVec(0.f);
-    for (int r = 0; r < R; ++r) {  // rows in memory order: the hardware prefetcher sees one stream
-      const S* sr = src ? src + (p + r) * s2 : nullptr;
-      S* dr = dst ? dst + (p + r) * s2 : nullptr;
-      const fVec da(dA[p + r]), bxr(bx[p + r]);
-      for (int64_t n = 0; n < N; n += kVecF) {
-        fVec s = sr ? vload(sr + n, kVecF) : fVec(0.f);
-        s = at::vec::fmadd(fVec::loadu(B + n), bxr, s * da);
-        acc[r] = at::vec::fmadd(s, fVec::loadu(C + n), acc[r]);
-        if (dr) vstore(dr + n, s, kVecF);
-      }
-    }
-    for (int r = 0; r < R; ++r) y[p + r] = hsum(acc[r]);
+                        const float* dA, const float* bx, int64_t P, float* y) {
+  fVec bv[NV], cv[NV];
+  for (int v = 0; v < NV; ++v) {
+    bv[v] = fVec::loadu(B + v * kVecF);
+    cv[v] = fVec::loadu(C + v * kVecF);
   }
+  for (int64_t p = 0; p < P; ++p) {
+    const S* sr = src ? src + p * s2 : nullptr;
+    S* dr = dst ? dst + p * s2 : nullptr;
+    const fVec da(dA[p]), b(bx[p]);
+    fVec acc(0.f);
+    for (int v = 0; v < NV; ++v) {
+      fVec s = sr ? vload(sr + v * kVecF, kVecF) : fVec(0.f);
+      s = at::vec::fmadd(bv[v], b, s * da);
+      acc = at::vec::fmadd(s, cv[v], acc);
+      if (dr) vstore(dr + v * kVecF, s, kVecF);
+    }
+    y[p] = hsum(acc);
+  }
+}
+
+// Non-temporal store of one vector (64-byte aligned fp32 destination).
+inline void stream_store(float* p, const fVec& v) {
+#ifdef CPU_CAPABILITY_AVX512
+  _mm512_stream_ps(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_ps(p, v);
+#else
+  v.store(p);
+#endif
+}
+inline void stream_store(BFloat16* p, const fVec& v) { vstore(p, v, kVecF); }
+
+// Calls f(std::integral_constant<int, NV>) for dstate N = NV vectors, NV in {1, 2, 4, 8, 16};
+// returns false (nothing called) for other N.
+template <typename F>
+inline bool with_nv(int64_t N, F&& f) {
+  switch (N / kVecF * (N % kVecF == 0)) {
+    case 1: f(std::integral_constant<int, 1>()); return true;
+    case 2: f(std::integral_constant<int, 2>()); return true;
+    case 4: f(std::integral_constant<int, 4>()); return true;
+    case 8: f(std::integral_constant<int, 8>()); return true;
+    case 16: f(std::integral_constant<int, 16>()); return true;
+    default: return false;
+  }
+}
+
+// Speculative decode of a whole head block (L tokens, dstate = NV vectors): each row is kept in
+// registers across the tokens; after token t it goes to dst[t] (a fresh slot, so fp32 rows are
+// written with streaming stores when aligned: no read-for-ownership of the destination lines).
+template <typename S, int NV>
+inline void spec_block(const S* src, S* const* dst, int64_t s2, const float* const* B, const float* const* C,
+                       const float (*dA)[kMaxP], const float (*bx)[kMaxP], int64_t L, int64_t P,
+                       float (*y)[kMaxP]) {
+  bool stream = std::is_same<S, float>::value && (s2 * sizeof(S)) % 64 == 0;
+  for (int64_t t = 0; t < L; ++t) stream = stream && reinterpret_cast<uintptr_t>(dst[t]) % 64 == 0;
+  for (int64_t p = 0; p < P; ++p) {
+    fVec s[NV];
+    for (int v = 0; v < NV; ++v) s[v] = src ? vload(src + p * s2 + v * kVecF, kVecF) : fVec(0.f);
+    for (int64_t t = 0; t < L; ++t) {
+      const fVec da(dA[t][p]), b(bx[t][p]);
+      fVec acc(0.f);
+      S* dr = dst[t] ? dst[t] + p * s2 : nullptr;
+      for (int v = 0; v < NV; ++v) {
+        s[v] = at::vec::fmadd(fVec::loadu(B[t] + v * kVecF), b, s[v] * da);
+        acc = at::vec::fmadd(s[v], fVec::loadu(C[t] + v * kVecF), acc);
+      }
+      if (dr) {
+        if (stream) {
+          for (int v = 0; v < NV; ++v) stream_store(dr + v * kVecF, s[v]);
+        } else {
+          for (int v = 0; v < NV; ++v) vstore(dr + v * kVecF, s[v], kVecF);
+        }
+      }
+      y[t][p] = hsum(acc);
+    }
+  }
+  if (stream) _mm_sfence();  // order the streaming stores before the caller reads the slots
 }
 
 template <typename S, typename X>
@@ -163,32 +205,32 @@ void ssu_impl(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, cons
         }
       }
       const S* src0 = valid ? sp + src * s0 + h * s1 : nullptr;
-      if (L == 1 && !Ap && N % kVecF == 0 && P % kRows == 0) {
-        float bx[kMaxP], y[kMaxP];
-        for (int64_t p = 0; p < P; ++p) bx[p] = dtv[0][p] * xv[0][p];
-        plain_block<S, kRows>(src0, dst[0], s2, Bt[0], Ct[0], dAv[0], bx, P, N, y);
-        for (int64_t p = 0; p < P; ++p) {
-          float o = y[p] + (D.has_value() ? fD(h * d0 + p * d1) : 0.f) * xv[0][p];
-          if (zp) o *= silu(tof(zp[bos * z0 + h * z1 + p * z2]));
-          op[bos * o0 + h * o1 + p * o2] = X(o);
-        }
-        continue;
-      }
-      for (int64_t p = 0; p < P; ++p) {
-        float dA[kMaxTok], dtp[kMaxTok], bx[kMaxTok], y[kMaxTok];
+      float bx[kMaxTok][kMaxP], y[kMaxTok][kMaxP];
+      for (int64_t t = 0; t < L; ++t)
+        for (int64_t p = 0; p < P; ++p) bx[t][p] = dtv[t][p] * xv[t][p];
+      // fast paths (dstate a multiple of the vector width, scalar A per row)
+      const bool done = !Ap && with_nv(N, [&](auto nv) {
+        if (L == 1) plain_block<S, decltype(nv)::value>(src0, dst[0], s2, Bt[0], Ct[0], dAv[0], bx[0], P, y[0]);
+        else spec_block<S, decltype(nv)::value>(src0, dst, s2, Bt, Ct, dAv, bx, L, P, y);
+      });
+      for (int64_t p = 0; !done && p < P; ++p) {  // general path: one row at a time
+        float dA[kMaxTok], dtp[kMaxTok], bxp[kMaxTok], yp[kMaxTok];
         S* drow[kMaxTok];
         for (int64_t t = 0; t < L; ++t) {
           dA[t] = dAv[t][p];
           dtp[t] = dtv[t][p];
-          bx[t] = dtv[t][p] * xv[t][p];
+          bxp[t] = bx[t][p];
           drow[t] = dst[t] ? dst[t] + p * s2 : nullptr;
         }
-        row_update<S>(src0 ? src0 + p * s2 : nullptr, drow, Bt, Ct, dA, dtp, bx,
-                      Ap ? Ap + h * a0 + p * a1 : nullptr, L, N, y);
-        const float Dp = D.has_value() ? fD(h * d0 + p * d1) : 0.f;
-        for (int64_t t = 0; t < L; ++t) {
-          const int64_t tok = bos + t;
-          float o = y[t] + Dp * xv[t][p];
+        row_update<S>(src0 ? src0 + p * s2 : nullptr, drow, Bt, Ct, dA, dtp, bxp,
+                      Ap ? Ap + h * a0 + p * a1 : nullptr, L, N, yp);
+        for (int64_t t = 0; t < L; ++t) y[t][p] = yp[t];
+      }
+      // out = (y + D x) * silu(z)
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t tok = bos + t;
+        for (int64_t p = 0; p < P; ++p) {
+          float o = y[t][p] + (D.has_value() ? fD(h * d0 + p * d1) : 0.f) * xv[t][p];
           if (zp) o *= silu(tof(zp[tok * z0 + h * z1 + p * z2]));
           op[tok * o0 + h * o1 + p * o2] = X(o);
         }

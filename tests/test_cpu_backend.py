@@ -49,6 +49,15 @@ def _prompts(model_dir: str) -> tuple[list[list[int]], list[int]]:
     return prompts, shared
 
 
+def _block_size(log: str) -> int:
+    """The hybrid cache block size vLLM chose (it depends on family and dtype)."""
+    import re
+
+    match = re.search(r"Setting attention block size to (\d+) tokens", log)
+    assert match, "vLLM no longer logs the hybrid block size"
+    return int(match.group(1))
+
+
 @functools.cache
 def _run(model_dir: str, dtype: str, mode: str) -> dict:
     prompts, shared = _prompts(model_dir)
@@ -57,18 +66,24 @@ def _run(model_dir: str, dtype: str, mode: str) -> dict:
                "llm_kwargs": {"enable_prefix_caching": False}}
     env = None
     if mode == "prefix_caching":
-        # Cold batch, then the same batch again, then a prompt sharing a long prefix.
-        # A 2048-token step budget prefills the 700-token prompt in one step, so its
-        # reusable state is the mid-prefill checkpoint the plugin's layers write.
-        request.update(prompts=prompts, rounds=2, later_rounds=[[shared]],
-                       llm_kwargs={"max_num_batched_tokens": 2048})
+        # Cold batch, then the same batch again, then prompts sharing a long prefix.
+        # vLLM keeps a reusable state only where its scheduler ends a prefill chunk on
+        # a block boundary that decoding will not overwrite, so the block-aligned
+        # probes are sized from the block size vLLM chose: one block plus a tail.
+        block = _block_size(_run(model_dir, dtype, "baseline")["log"])
+        story = prompts[4] * 4
+        probe = story[:block + 16]
+        request.update(prompts=prompts + [probe], rounds=2,
+                       later_rounds=[[shared], [story[:block + 8] + prompts[0]]], llm_kwargs={})
     elif mode.startswith("ngram"):
         request["llm_kwargs"]["speculative_config"] = {
             **NGRAM, "num_speculative_tokens": int(mode[len("ngram"):])}
     elif mode == "tp2":
         request["llm_kwargs"]["tensor_parallel_size"] = 2
         env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    return run_vllm(request, env=env)
+    result = run_vllm(request, env=env)
+    result["request"] = request
+    return result
 
 
 @pytest.fixture(params=[(f, d) for f in FAMILIES for d in DTYPES],
@@ -112,12 +127,17 @@ def test_prefix_caching_keeps_greedy_tokens_and_hits(case):
     family, dtype, model_dir = case
     result = _run(model_dir, dtype, "prefix_caching")
     baseline = _baseline(model_dir, dtype)
-    cold, warm, shared = result["rounds"]
-    assert cold["outputs"] == baseline[:6]
-    assert warm["outputs"] == baseline[:6]
+    cold, warm, shared, probe_shared = result["rounds"]
+    assert cold["outputs"][:6] == baseline[:6]
+    assert warm["outputs"] == cold["outputs"]  # the block-aligned probe too
     assert shared["outputs"] == baseline[6:]
-    assert warm["cached_tokens"][4] > 0  # the repeated 700-token prompt hits
-    assert shared["cached_tokens"][0] > 0  # and so does one sharing its prefix
+    assert warm["cached_tokens"][6] > 0  # the repeated probe hits
+    assert probe_shared["cached_tokens"][0] > 0  # and so does one sharing its prefix
+    # Tokens computed from a cached state are still transformers' greedy choices.
+    model = hf_model(model_dir)
+    later = result["request"]["later_rounds"][1][0]
+    check = check_against_hf(model, later, probe_shared["outputs"][0])
+    assert check.worst_deficit <= MARGIN[dtype], check
 
 
 @pytest.mark.parametrize("dtype", ["float32"])

@@ -109,6 +109,30 @@ def test_speculative_every_accepted_count(dtype, num_spec):
             assert_close(s1[idx[b, t]], h[0], torch.float32, f"draft {t}")
 
 
+@pytest.mark.parametrize("state_dtype", DTYPES)
+@pytest.mark.parametrize("N", [64, 128])
+@pytest.mark.parametrize("L", [1, 3])
+def test_model_dstate(state_dtype, N, L):
+    """Real d_state sizes (the vectorised block paths), plain and speculative, aligned slots."""
+    nseq, H, P = 3, 4, 16
+    x, dt, A, B, C, D, z, dtb = _inputs(nseq * L, H=H, P=P, N=N, G=2, dtype=torch.bfloat16, seed=L)
+    state = torch.randn(1 + nseq * L, H, P, N).to(state_dtype)
+    idx = torch.arange(1, 1 + nseq * L, dtype=torch.int32).view(nseq, L)
+    idx[1, 0] = 0  # null source for sequence 1: zero state, nothing written
+    kw = {}
+    if L > 1:
+        kw = dict(num_accepted_tokens=torch.tensor([1, 2, 3], dtype=torch.int32),
+                  cu_seqlens=torch.arange(0, nseq * L + 1, L, dtype=torch.int32))
+        idx[1, 0] = 5
+        idx[2, 1] = 0  # a null draft column: not written
+    sidx = idx if L > 1 else idx[:, 0]
+    s1, s2 = state.clone(), state.clone()
+    o1 = selective_state_update_ref(s1, x, dt, A, B, C, D, z, dtb, True, sidx, sidx, **kw)
+    o2 = selective_state_update(s2, x, dt, A, B, C, D, z, dtb, True, sidx, sidx, **kw)
+    assert_close(o2, o1, torch.bfloat16, "out")
+    assert_close(s2, s1, state_dtype, "state")
+
+
 def test_opcheck():
     x, dt, A, B, C, D, z, dtb = _inputs(2)
     state = torch.randn(4, 4, 8, 16)
