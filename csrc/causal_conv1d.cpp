@@ -1,5 +1,6 @@
 // Depthwise causal conv1d for Mamba2 / GDN: varlen prefill and (speculative) decode.
 // Channels are processed in blocks of kCB; every token is one vectorised pass over a block.
+#include <c10/core/InferenceMode.h>
 #include "common.h"
 
 namespace vhn {
@@ -47,6 +48,8 @@ void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const c10::opt
   const int64_t sxd = x.stride(0), sxt = x.stride(1), sod = out.stride(0), sot = out.stride(1);
   const int64_t ss0 = conv_states.stride(0), ss1 = conv_states.stride(1), ss2 = conv_states.stride(2);
   at::parallel_for(0, batch * nblk, 1, [&](int64_t begin, int64_t end) {
+    // vLLM runs models under InferenceMode; pool threads don't inherit it.
+    c10::InferenceMode inference_guard;
     Params p;
     alignas(64) float hist[kMaxW][kCB];
     for (int64_t it = begin; it < end; ++it) {
@@ -114,6 +117,8 @@ void conv_update_impl(const at::Tensor& x, at::Tensor& cs, const at::Tensor& wei
   const int64_t sob = out.stride(0), sod = out.stride(1), sot = out.stride(2);
   const int64_t ss0 = cs.stride(0), ss1 = cs.stride(1), ss2 = cs.stride(2), SLmax = cs.size(2);
   at::parallel_for(0, batch * nblk, 1, [&](int64_t begin, int64_t end) {
+    // vLLM runs models under InferenceMode; pool threads don't inherit it.
+    c10::InferenceMode inference_guard;
     Params p;
     // window + tokens, then the new state, all as float rows of one channel block
     constexpr int64_t kMaxRows = 64;

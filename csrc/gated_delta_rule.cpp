@@ -2,6 +2,7 @@
 // State S (V x K) per value head; per token (g in log space):
 //   S <- exp(g) S;  u = beta (v - S k);  S <- S + u k^T;  o = S (scale q)
 // Each row of S evolves independently, so decode streams the state once, row by row.
+#include <c10/core/InferenceMode.h>
 #include "common.h"
 
 namespace vhn {
@@ -53,6 +54,8 @@ void recurrent_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   T* op = out.mutable_data_ptr<T>();
   const FAcc fg(g), fbeta(beta);
   at::parallel_for(0, nseq * HV, 1, [&](int64_t begin, int64_t end) {
+    // vLLM runs models under InferenceMode; pool threads don't inherit it.
+    c10::InferenceMode inference_guard;
     alignas(64) float qb[kMaxTok][kMaxK], kb[kMaxTok][kMaxK], row[kMaxK];
     float eg[kMaxTok], bt[kMaxTok];
     int64_t dst[kMaxTok];
@@ -155,6 +158,8 @@ void chunk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   const auto fo = at::TensorOptions().dtype(at::kFloat);
   const FAcc fg(g), fbeta(beta);
   at::parallel_for(0, nseq * HV, 1, [&](int64_t begin, int64_t end) {
+    // vLLM runs models under InferenceMode; pool threads don't inherit it.
+    c10::InferenceMode inference_guard;
     at::Tensor Qc = at::empty({CS, K}, fo), Kc = at::empty({CS, K}, fo), Kd = at::empty({CS, K}, fo);
     at::Tensor RHS = at::empty({CS, V + K}, fo), Amat = at::empty({CS, CS}, fo), QK = at::empty({CS, CS}, fo);
     at::Tensor Sf = at::empty({V, K}, fo), Oc = at::empty({CS, V}, fo);

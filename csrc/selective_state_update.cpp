@@ -2,6 +2,7 @@
 // One work item = (sequence b, head h). Its state block (P x N) is streamed once, row by row:
 // row p is loaded, all L tokens of the sequence are applied while it sits in registers, and the
 // row after token t is stored to token t's destination slot (plain decode: one slot, in place).
+#include <c10/core/InferenceMode.h>
 #include "common.h"
 #include <immintrin.h>
 
@@ -163,6 +164,8 @@ void ssu_impl(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, cons
   const FAcc fD(D), fbias(dt_bias), fA(A), fdt(dt);
 
   at::parallel_for(0, batch * H, 1, [&](int64_t begin, int64_t end) {
+    // vLLM runs models under InferenceMode; pool threads don't inherit it.
+    c10::InferenceMode inference_guard;
     float dtv[kMaxTok][kMaxP], dAv[kMaxTok][kMaxP], xv[kMaxTok][kMaxP];  // per token, per row
     const float* Bt[kMaxTok];
     const float* Ct[kMaxTok];

@@ -5,6 +5,7 @@
 //   S_end  = exp(cum[L-1]) S_prev + X^T (B o exp(cum[L-1]-cum_j) dt_j)
 // Three passes: (1) per (chunk, head) the local chunk state, (2) per (sequence, head) the
 // sequential state passing over chunks, (3) per (chunk, head) the outputs.
+#include <c10/core/InferenceMode.h>
 #include "common.h"
 
 namespace vhn {
@@ -48,6 +49,8 @@ void ssd_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, co
     const float* ap = Af.const_data_ptr<float>();
     const int64_t T = dtf.size(1);
     at::parallel_for(0, H, 1, [&](int64_t b, int64_t e) {
+      // vLLM runs models under InferenceMode; pool threads don't inherit it.
+      c10::InferenceMode inference_guard;
       for (int64_t h = b; h < e; ++h)
         for (const auto& c : ch) {
           float s = 0.f;
@@ -66,6 +69,8 @@ void ssd_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, co
 
   // (1) local chunk states: S_loc = X^T (B o w), w_j = exp(cum_last - cum_j) dt_j
   at::parallel_for(0, nchunks * H, 1, [&](int64_t b, int64_t e) {
+    // vLLM runs models under InferenceMode; pool threads don't inherit it.
+    c10::InferenceMode inference_guard;
     at::Tensor Bw = at::empty({maxlen, N}, fopt);
     for (int64_t it = b; it < e; ++it) {
       const int64_t c = it / H, h = it % H, g = h / ratio;
@@ -92,6 +97,8 @@ void ssd_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, co
   seq_first.push_back(nchunks);
   const int64_t nseq_runs = seq_first.size() - 1;
   at::parallel_for(0, nseq_runs * H, 1, [&](int64_t b, int64_t e) {
+    // vLLM runs models under InferenceMode; pool threads don't inherit it.
+    c10::InferenceMode inference_guard;
     for (int64_t it = b; it < e; ++it) {
       const int64_t r = it / H, h = it % H;
       const float* prev = nullptr;
@@ -127,6 +134,8 @@ void ssd_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, co
   for (int64_t r = 0; r < nseq_runs; ++r)
     for (int64_t c = seq_first[r]; c < seq_first[r + 1]; ++c) first_of_seq[c] = seq_first[r];
   at::parallel_for(0, nchunks * H, 1, [&](int64_t b, int64_t e) {
+    // vLLM runs models under InferenceMode; pool threads don't inherit it.
+    c10::InferenceMode inference_guard;
     at::Tensor M = at::empty({maxlen, maxlen}, fopt);
     at::Tensor CB = at::empty({maxlen, maxlen}, fopt);
     at::Tensor Y = at::empty({maxlen, P}, fopt);
