@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from vllm_hybrid_neuron.neuron import base
 from vllm_hybrid_neuron.neuron.common import RMSNorm, apply_partial_rope, attention_with_cache, routed_experts
-from vllm_hybrid_neuron.neuron.hybrid import HybridModelMixin, check_hybrid_neuron_config, flatten_text_config
+from vllm_hybrid_neuron.neuron.hybrid import HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config, flatten_text_config
 from vllm_hybrid_neuron.neuron.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 
 # Parts of a Gemma4ForConditionalGeneration checkpoint ("model." already stripped) that are not text.
@@ -253,16 +253,6 @@ class Gemma4DecoderLayer(nn.Module):
 
 
 class NeuronGemma4Model(HybridModelMixin, base.NeuronBaseModel):
-    def setup_attr_for_model(self, config) -> None:
-        nc = config.neuron_config
-        self.on_device_sampling = nc.on_device_sampling_config is not None
-        self.tp_degree = nc.tp_degree
-        self.hidden_size = config.hidden_size
-        self.num_attention_heads = config.num_attention_heads
-        self.num_key_value_heads = config.num_key_value_heads
-        self.max_batch_size = nc.max_batch_size
-        self.buckets = [nc.seq_len]
-
     def init_model(self, config) -> None:
         dtype = config.neuron_config.torch_dtype
         self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size,
@@ -285,26 +275,12 @@ class NeuronGemma4Model(HybridModelMixin, base.NeuronBaseModel):
         return self.softcap * torch.tanh(logits / self.softcap) if self.softcap else logits
 
 
-class NeuronGemma4ForCausalLM(base.NeuronBaseForCausalLM):
+class NeuronGemma4ForCausalLM(PortForCausalLM):
     _model_cls = NeuronGemma4Model
 
     @classmethod
     def get_config_cls(cls):
         return Gemma4InferenceConfig
-
-    @classmethod
-    def get_neuron_config_cls(cls):
-        return base.MoENeuronConfig
-
-    @staticmethod
-    def load_hf_model(model_path):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(model_path)
-
-    @staticmethod
-    def update_state_dict_for_tied_weights(state_dict: dict) -> None:
-        state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"].clone()
 
     @staticmethod
     def convert_hf_to_neuron_state_dict(state_dict: dict, config) -> dict:

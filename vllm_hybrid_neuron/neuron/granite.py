@@ -17,7 +17,7 @@ from vllm_hybrid_neuron.neuron.common import (
     RMSNorm, apply_partial_rope, attention_with_cache, read_slots,
     rms_norm_gated, rope_cos_sin, routed_experts, write_slots,
 )
-from vllm_hybrid_neuron.neuron.hybrid import HybridModelMixin, check_hybrid_neuron_config
+from vllm_hybrid_neuron.neuron.hybrid import HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config
 from vllm_hybrid_neuron.neuron.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from vllm_hybrid_neuron.neuron.ssd import causal_conv, next_conv_state, ssd_chunked, ssd_step
 
@@ -180,16 +180,6 @@ class GraniteDecoderLayer(nn.Module):
 
 
 class NeuronGraniteMoeHybridModel(HybridModelMixin, base.NeuronBaseModel):
-    def setup_attr_for_model(self, config) -> None:
-        nc = config.neuron_config
-        self.on_device_sampling = nc.on_device_sampling_config is not None
-        self.tp_degree = nc.tp_degree
-        self.hidden_size = config.hidden_size
-        self.num_attention_heads = config.num_attention_heads
-        self.num_key_value_heads = config.num_key_value_heads
-        self.max_batch_size = nc.max_batch_size
-        self.buckets = [nc.seq_len]
-
     def init_model(self, config) -> None:
         dtype = config.neuron_config.torch_dtype
         self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size,
@@ -212,26 +202,12 @@ class NeuronGraniteMoeHybridModel(HybridModelMixin, base.NeuronBaseModel):
         return self.lm_head(self.norm(h)).float() / self.logits_scaling
 
 
-class NeuronGraniteMoeHybridForCausalLM(base.NeuronBaseForCausalLM):
+class NeuronGraniteMoeHybridForCausalLM(PortForCausalLM):
     _model_cls = NeuronGraniteMoeHybridModel
 
     @classmethod
     def get_config_cls(cls):
         return GraniteMoeHybridInferenceConfig
-
-    @classmethod
-    def get_neuron_config_cls(cls):
-        return base.MoENeuronConfig
-
-    @staticmethod
-    def load_hf_model(model_path):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(model_path)
-
-    @staticmethod
-    def update_state_dict_for_tied_weights(state_dict: dict) -> None:
-        state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"].clone()
 
     @staticmethod
     def convert_hf_to_neuron_state_dict(state_dict: dict, config) -> dict:

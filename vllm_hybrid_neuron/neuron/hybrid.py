@@ -49,6 +49,16 @@ class HybridModelMixin(nn.Module):
 
     all_logits = False  # CPU tests: return logits for every prompt position, not just the last
 
+    def setup_attr_for_model(self, config) -> None:
+        nc = config.neuron_config
+        self.on_device_sampling = nc.on_device_sampling_config is not None
+        self.tp_degree = nc.tp_degree
+        self.hidden_size = config.hidden_size
+        self.num_attention_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.max_batch_size = nc.max_batch_size
+        self.buckets = [nc.seq_len]
+
     def init_states(self, per_layer: list[list[tuple[tuple[int, ...], torch.dtype | None, str]]],
                     dtype: torch.dtype) -> None:
         """Allocate every layer's state tensors, zeroed, as non-trainable parameters.
@@ -88,3 +98,23 @@ class HybridModelMixin(nn.Module):
         logits = self.logits(h)  # (B, 1 or L, V) fp32
         res = logits if self.sampler is None else self.sampler(logits[:, -1, :], sampling_params).to(torch.int32)
         return [res, *new_states]
+
+
+class PortForCausalLM(base.NeuronBaseForCausalLM):
+    """What the three ports' application classes share: MoE neuron config, HF loading,
+    tied embeddings. Each port adds ``_model_cls``, ``get_config_cls`` and
+    ``convert_hf_to_neuron_state_dict``."""
+
+    @classmethod
+    def get_neuron_config_cls(cls):
+        return base.MoENeuronConfig
+
+    @staticmethod
+    def load_hf_model(model_path):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(model_path)
+
+    @staticmethod
+    def update_state_dict_for_tied_weights(state_dict: dict) -> None:
+        state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"].clone()

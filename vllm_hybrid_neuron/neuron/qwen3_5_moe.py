@@ -18,7 +18,7 @@ from vllm_hybrid_neuron.neuron.common import (
     RMSNorm, apply_partial_rope, attention_with_cache, read_slots, rope_cos_sin, routed_experts,
     write_slots,
 )
-from vllm_hybrid_neuron.neuron.hybrid import HybridModelMixin, check_hybrid_neuron_config, flatten_text_config
+from vllm_hybrid_neuron.neuron.hybrid import HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config, flatten_text_config
 from vllm_hybrid_neuron.neuron.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from vllm_hybrid_neuron.neuron.ssd import causal_conv, next_conv_state
 
@@ -188,16 +188,6 @@ class Qwen3_5DecoderLayer(nn.Module):
 
 
 class NeuronQwen3_5MoeModel(HybridModelMixin, base.NeuronBaseModel):
-    def setup_attr_for_model(self, config) -> None:
-        nc = config.neuron_config
-        self.on_device_sampling = nc.on_device_sampling_config is not None
-        self.tp_degree = nc.tp_degree
-        self.hidden_size = config.hidden_size
-        self.num_attention_heads = config.num_attention_heads
-        self.num_key_value_heads = config.num_key_value_heads
-        self.max_batch_size = nc.max_batch_size
-        self.buckets = [nc.seq_len]
-
     def init_model(self, config) -> None:
         dtype = config.neuron_config.torch_dtype
         self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size,
@@ -218,26 +208,12 @@ class NeuronQwen3_5MoeModel(HybridModelMixin, base.NeuronBaseModel):
         return self.lm_head(self.norm(h)).float()
 
 
-class NeuronQwen3_5MoeForCausalLM(base.NeuronBaseForCausalLM):
+class NeuronQwen3_5MoeForCausalLM(PortForCausalLM):
     _model_cls = NeuronQwen3_5MoeModel
 
     @classmethod
     def get_config_cls(cls):
         return Qwen3_5MoeInferenceConfig
-
-    @classmethod
-    def get_neuron_config_cls(cls):
-        return base.MoENeuronConfig
-
-    @staticmethod
-    def load_hf_model(model_path):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(model_path)
-
-    @staticmethod
-    def update_state_dict_for_tied_weights(state_dict: dict) -> None:
-        state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"].clone()
 
     @staticmethod
     def convert_hf_to_neuron_state_dict(state_dict: dict, config) -> dict:
