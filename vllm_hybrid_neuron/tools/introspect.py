@@ -26,9 +26,9 @@ def _layer_kind(module) -> str | None:
     name = type(module).__name__
     if "MambaMixer" in name or "GatedDeltaNet" in name:
         return "recurrent_mixer"
-    if "MoE" in name or "Moe" in name:
+    if name.endswith(("MoE", "SparseMoeBlock", "SharedMLP")):  # routed + shared experts
         return "moe"
-    if name.endswith("Attention"):
+    if name.endswith("Attention") and "DecoderLayer" not in name:
         return "attention"
     return None
 
@@ -40,17 +40,23 @@ def start_layer_profile(model) -> int:
 
     if "hooks" not in _PROFILE:
         hooks = []
-        targets = [(m, _layer_kind(m)) for m in model.modules()] + [(model, "model_step")]
+        # Outermost module of each kind only (a MoE block holds a fused-MoE layer, an
+        # attention block holds vLLM's Attention): nested ranges would count twice.
+        targets, kept = [(model, "model_step")], []
+        for name, module in model.named_modules():
+            kind = _layer_kind(module) if module is not model else None
+            if kind and not any(name.startswith(k + ".") for k, kk in kept if kk == kind):
+                kept.append((name, kind))
+                targets.append((module, kind))
         for module, kind in targets:
-            if kind is None:
-                continue
 
             def pre(mod, args, kind=kind):
-                mod._vhn_range = record_function(f"vhn::{kind}")
-                mod._vhn_range.__enter__()
+                rf = record_function(f"vhn::{kind}")
+                rf.__enter__()
+                setattr(mod, f"_vhn_range_{kind}", rf)
 
-            def post(mod, args, output):
-                mod._vhn_range.__exit__(None, None, None)
+            def post(mod, args, output, kind=kind):
+                getattr(mod, f"_vhn_range_{kind}").__exit__(None, None, None)
 
             hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
         _PROFILE["hooks"] = hooks
