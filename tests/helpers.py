@@ -68,6 +68,14 @@ class HFCheck:
     worst_deficit: float  # max over tokens of (argmax logit - chosen logit)
     tokens_checked: int
     generate_prefix_match: int  # leading tokens identical to transformers' generate
+    divergence_gap: float  # at the first token that differs from generate: how far the
+    # vLLM token's logit is below transformers' choice there (0.0 if none differs)
+
+    def matches_generate(self, tokens: int, margin: float) -> bool:
+        """The first ``tokens`` equal transformers' generate, near-ties aside: a
+        divergence earlier is accepted only where the two candidates are within
+        ``margin`` logits (after it the sequences differ, so nothing more compares)."""
+        return self.generate_prefix_match >= tokens or self.divergence_gap <= margin
 
 
 def hf_model(model_dir: str):
@@ -92,4 +100,7 @@ def check_against_hf(model, prompt: list[int], generated: list[int],
                          min_new_tokens=generate_tokens, do_sample=False,
                          pad_token_id=model.config.pad_token_id)[0, len(prompt):].tolist()
     match = next((i for i, (a, b) in enumerate(zip(ref, generated)) if a != b), len(ref))
-    return HFCheck(deficit, len(generated), match)
+    gap = 0.0
+    if match < len(ref):  # same context up to here, so the teacher-forced row applies
+        gap = float(rows[match, ref[match]] - rows[match, generated[match]])
+    return HFCheck(deficit, len(generated), match, gap)

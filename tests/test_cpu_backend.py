@@ -23,6 +23,9 @@ MAX_TOKENS = 48
 EXPECTED_OPS = {"granite": {"mamba2_prefill", "mamba2_decode"},
                 "qwen3_5": {"gdn_prefill", "gdn_decode"}}
 NGRAM = {"method": "ngram", "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+# Hybrid cache block sizes vLLM picks for these models (attention pages padded to match
+# the Mamba / GDN state page), for the block-aligned prefix-caching probes.
+BLOCK_CANDIDATES = [128, 256, 384, 512, 640, 768, 896]
 
 
 @functools.cache
@@ -53,7 +56,8 @@ def _block_size(log: str) -> int:
     """The hybrid cache block size vLLM chose (it depends on family and dtype)."""
     import re
 
-    match = re.search(r"Setting attention block size to (\d+) tokens", log)
+    match = re.search(r"kv lcm block sizes (\d+)", log) or re.search(
+        r"Setting attention block size to (\d+) tokens", log)
     assert match, "vLLM no longer logs the hybrid block size"
     return int(match.group(1))
 
@@ -68,13 +72,13 @@ def _run(model_dir: str, dtype: str, mode: str) -> dict:
     if mode == "prefix_caching":
         # Cold batch, then the same batch again, then prompts sharing a long prefix.
         # vLLM keeps a reusable state only where its scheduler ends a prefill chunk on
-        # a block boundary that decoding will not overwrite, so the block-aligned
-        # probes are sized from the block size vLLM chose: one block plus a tail.
-        block = _block_size(_run(model_dir, dtype, "baseline")["log"])
+        # a block boundary that decoding will not overwrite, so block-aligned probes
+        # (one block plus a tail) are sent for each block size vLLM may choose.
         story = prompts[4] * 4
-        probe = story[:block + 16]
-        request.update(prompts=prompts + [probe], rounds=2,
-                       later_rounds=[[shared], [story[:block + 8] + prompts[0]]], llm_kwargs={})
+        request.update(
+            prompts=prompts + [story[:b + 16] for b in BLOCK_CANDIDATES], rounds=2,
+            later_rounds=[[shared], [story[:b + 8] + prompts[0] for b in BLOCK_CANDIDATES]],
+            llm_kwargs={})
     elif mode.startswith("ngram"):
         request["llm_kwargs"]["speculative_config"] = {
             **NGRAM, "num_speculative_tokens": int(mode[len("ngram"):])}
@@ -126,17 +130,19 @@ def test_ngram_speculation_keeps_greedy_tokens(case, drafts):
 def test_prefix_caching_keeps_greedy_tokens_and_hits(case):
     family, dtype, model_dir = case
     result = _run(model_dir, dtype, "prefix_caching")
+    block = _block_size(result["log"])
+    assert block in BLOCK_CANDIDATES, f"no probe for block size {block}"
+    probe = 6 + BLOCK_CANDIDATES.index(block)
     baseline = _baseline(model_dir, dtype)
-    cold, warm, shared, probe_shared = result["rounds"]
+    cold, warm, shared, probes_shared = result["rounds"]
     assert cold["outputs"][:6] == baseline[:6]
-    assert warm["outputs"] == cold["outputs"]  # the block-aligned probe too
+    assert warm["outputs"] == cold["outputs"]  # the block-aligned probes too
     assert shared["outputs"] == baseline[6:]
-    assert warm["cached_tokens"][6] > 0  # the repeated probe hits
-    assert probe_shared["cached_tokens"][0] > 0  # and so does one sharing its prefix
-    # Tokens computed from a cached state are still transformers' greedy choices.
-    model = hf_model(model_dir)
-    later = result["request"]["later_rounds"][1][0]
-    check = check_against_hf(model, later, probe_shared["outputs"][0])
+    assert warm["cached_tokens"][probe] > 0  # the repeated probe hits
+    # and so does a prompt sharing its prefix, whose tokens are still transformers'
+    assert probes_shared["cached_tokens"][probe - 6] > 0
+    later = result["request"]["later_rounds"][1][probe - 6]
+    check = check_against_hf(hf_model(model_dir), later, probes_shared["outputs"][probe - 6])
     assert check.worst_deficit <= MARGIN[dtype], check
 
 

@@ -37,6 +37,7 @@ def test_greedy_matches_transformers(tiny_model_dir, family, dtype, served_class
         assert check.worst_deficit <= MARGIN[dtype], (
             f"{family} prompt of {len(prompt)} tokens: a chosen token is "
             f"{check.worst_deficit:.4f} logits below transformers' argmax")
-        assert check.generate_prefix_match >= 8, (
+        assert check.matches_generate(8, MARGIN[dtype]), (
             f"{family}: only {check.generate_prefix_match} leading tokens equal "
-            f"transformers' generate")
+            f"transformers' generate, and the first difference is not a near-tie "
+            f"({check.divergence_gap:.4f} logits)")
