@@ -13,6 +13,7 @@ from vllm_hybrid_neuron.ops.gated_delta_rule import (
     fused_recurrent_gated_delta_rule_ref,
     fused_sigmoid_gating_delta_rule_update,
     fused_sigmoid_gating_delta_rule_update_ref,
+    sigmoid_gating,
 )
 from vllm_hybrid_neuron.ops.selective_state_update import (
     selective_state_update,
@@ -30,4 +31,5 @@ __all__ = [
     "chunk_gated_delta_rule", "chunk_gated_delta_rule_ref",
     "fused_recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule_ref",
     "fused_sigmoid_gating_delta_rule_update", "fused_sigmoid_gating_delta_rule_update_ref",
+    "sigmoid_gating",
 ]

@@ -113,7 +113,9 @@ def fused_recurrent_gated_delta_rule(
     return o.view(Bsz, T, HV, V), final
 
 
-def _sigmoid_gating(A_log, a, b, dt_bias, beta, threshold):
+def sigmoid_gating(A_log, a, b, dt_bias, beta=1.0, threshold=20.0):
+    """Qwen3.5's gates: log-space decay g = -exp(A_log) softplus(a + dt_bias) and
+    beta = sigmoid(b), both fp32, shaped like ``a``."""
     x = a.float() + dt_bias.float()
     sp = torch.where(beta * x <= threshold, torch.log1p(torch.exp(beta * x)) / beta, x)
     return -torch.exp(A_log.float()) * sp, torch.sigmoid(b.float())
@@ -130,7 +132,7 @@ def fused_sigmoid_gating_delta_rule_update_ref(
     ``fused_recurrent_gated_delta_rule_ref`` (``beta``/``threshold`` parametrise the softplus).
     """
     assert not is_kda
-    g, bt = _sigmoid_gating(A_log, a, b, dt_bias, beta, threshold)
+    g, bt = sigmoid_gating(A_log, a, b, dt_bias, beta, threshold)
     g, bt = g.reshape(*v.shape[:3]), bt.reshape(*v.shape[:3])
     return fused_recurrent_gated_delta_rule_ref(
         q, k, v, g, bt, scale, initial_state, inplace_final_state, cu_seqlens, ssm_state_indices,
@@ -144,7 +146,7 @@ def fused_sigmoid_gating_delta_rule_update(
 ):
     """Fused sigmoid gating + recurrent gated delta rule (C++ kernel for the recurrence)."""
     assert not is_kda, "KDA is not supported"
-    g, bt = _sigmoid_gating(A_log, a, b, dt_bias, beta, threshold)
+    g, bt = sigmoid_gating(A_log, a, b, dt_bias, beta, threshold)
     g, bt = g.reshape(*v.shape[:3]), bt.reshape(*v.shape[:3])
     return fused_recurrent_gated_delta_rule(
         q, k, v, g, bt, scale, initial_state, inplace_final_state, cu_seqlens, ssm_state_indices,

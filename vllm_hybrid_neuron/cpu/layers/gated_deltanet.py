@@ -14,7 +14,6 @@ State layout: recurrent state (blocks, HV, V, K) fp32/bf16; conv state viewed as
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import (
     QwenGatedDeltaNetAttention,
@@ -29,6 +28,7 @@ from vllm_hybrid_neuron.ops import (
     causal_conv1d_update,
     chunk_gated_delta_rule,
     fused_sigmoid_gating_delta_rule_update,
+    sigmoid_gating,
 )
 
 
@@ -142,9 +142,7 @@ class PluginGatedDeltaNet(QwenGatedDeltaNetAttention):
             query_start_loc=cu, cache_indices=slots, has_initial_state=has_init,
             activation=self.activation).transpose(0, 1)  # (T, dim)
         q, k, v = self.rearrange_mixed_qkv(conv)  # (1, T, H|HV, K|V)
-        # g = -exp(A_log) softplus(a + dt_bias) (log-space decay), beta = sigmoid(b)
-        g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float())
-        beta = torch.sigmoid(b.float())  # (T, HV)
+        g, beta = sigmoid_gating(self.A_log, a, b, self.dt_bias)  # (T, HV) each, fp32
         ssm_state[slots[~has_init]] = 0  # rows without a cached prefix start from zero
         segments = [(cu[:-1], cu[1:], slots)]
         ckpt_rows = None
