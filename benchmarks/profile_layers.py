@@ -51,9 +51,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", required=True)
     parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--order", default="plugin,native",
+                        help="which path runs first (machine drift shows as an order effect)")
     args = parser.parse_args()
     results = {}
-    for path in ("plugin", "native"):
+    for path in args.order.split(","):
         env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4",
                "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
         if path == "native":
@@ -68,7 +70,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"profile-{args.family}"
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    kinds = ["recurrent_mixer", "attention", "moe"]
+    kinds = ["recurrent_core", "recurrent_mixer", "attention", "moe"]
     lines = [f"| {args.family} phase | path | model forward ms (total) | " + " | ".join(kinds) + " |",
              "|---|---|---|" + "---|" * len(kinds)]
     for phase in PHASES:

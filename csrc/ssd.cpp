@@ -1,21 +1,21 @@
-// Mamba2 chunked SSD prefill (Dao & Gu 2024, "state space duality"), built on GEMMs.
-// For a chunk of L tokens of one head with cum[i] = sum_{l<=i} A*dt[l]:
-//   Y      = ((C B^T) o exp(cum_i - cum_j) [j<=i] o dt_j) X        (intra-chunk, "diagonal block")
-//          + diag(exp(cum)) C S_prev^T                              (contribution of the carried state)
-//   S_end  = exp(cum[L-1]) S_prev + X^T (B o exp(cum[L-1]-cum_j) dt_j)
-// Three passes: (1) per (chunk, head) the local chunk state, (2) per (sequence, head) the
-// sequential state passing over chunks, (3) per (chunk, head) the outputs.
+// Mamba2 chunked SSD prefill (Dao & Gu 2024, "state space duality"), built on a few large GEMMs.
+// Each of vLLM's chunks (which never span two sequences) is processed in sub-chunks of at most
+// kSub tokens, sequentially, carrying the fp32 state S (H, P, N). For a sub-chunk of L tokens
+// with cum[i, h] = sum_{l<=i} A_h dt[l, h] (cum is non-increasing, so every exp below is <= 1):
+//   Y_h    = M_h X_h + diag(exp(cum[:, h])) C_g S_h^T,   M_h[i, j] = (C_g B_g^T)[i, j]
+//                                                                  * exp(cum_i - cum_j) dt_j [j <= i]
+//   S_h   <- exp(cum[L-1, h]) S_h + (X_h o w_h)^T B_g,   w_h[j] = exp(cum[L-1, h] - cum[j, h]) dt_j
+// The inter-chunk term and the state update are one GEMM per group over all its heads
+// ((L, N) x (N, heads*P) and (heads*P, L) x (L, N)), the intra-chunk term one batched GEMM over
+// heads; a short sub-chunk keeps the quadratic part (and its exps) small, so the work is close to
+// the 2 T H P N multiply-adds of the linear recurrence, but at GEMM speed.
 #include <c10/core/InferenceMode.h>
 #include "common.h"
 
 namespace vhn {
 namespace {
 
-using at::indexing::Slice;
-
-struct ChunkInfo {
-  int64_t start, len, seq;
-};
+constexpr int64_t kSub = 64;  // sub-chunk length (tokens)
 
 template <typename X>
 void ssd_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
@@ -23,193 +23,162 @@ void ssd_impl(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, co
               const c10::optional<at::Tensor>& dt_bias, const c10::optional<at::Tensor>& init,
               const at::Tensor& cu_chunk, const at::Tensor& seq_idx, bool dt_softplus, double dt_min,
               double dt_max, at::Tensor& out, at::Tensor& states) {
-  const int64_t H = x.size(1), P = x.size(2), G = B.size(1), N = B.size(2), ratio = H / G;
+  const int64_t T = x.size(0), H = x.size(1), P = x.size(2), G = B.size(1), N = B.size(2);
+  const int64_t R = H / G, HP = H * P, RP = R * P, PN = P * N;
+  TORCH_CHECK(H % G == 0, "ssd_chunk_scan: heads must be a multiple of groups");
   const int64_t nchunks = cu_chunk.size(0) - 1;
-  std::vector<ChunkInfo> ch(nchunks);
-  int64_t maxlen = 1;
-  for (int64_t c = 0; c < nchunks; ++c) {
-    ch[c] = {geti(cu_chunk, c), geti(cu_chunk, c + 1) - geti(cu_chunk, c), geti(seq_idx, c)};
-    maxlen = std::max(maxlen, ch[c].len);
-  }
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
-  // fp32 copies in (head-major) GEMM-friendly layouts
-  at::Tensor xf = x.to(at::kFloat).permute({1, 0, 2}).contiguous();  // (H, T, P)
-  at::Tensor Bf = B.to(at::kFloat).permute({1, 0, 2}).contiguous();  // (G, T, N)
-  at::Tensor Cf = C.to(at::kFloat).permute({1, 0, 2}).contiguous();  // (G, T, N)
-  // processed dt (softplus, bias, clamp) and per-chunk cumulative A*dt: (H, T)
-  at::Tensor dtf = dt.to(at::kFloat).t().contiguous();
-  if (dt_bias.has_value()) dtf.add_(dt_bias->to(at::kFloat).reshape({H, 1}));
+
+  // fp32 token-major copies (no copy when already fp32 and contiguous)
+  const at::Tensor xf = x.to(at::kFloat).contiguous().view({T, HP});  // (T, H*P)
+  const at::Tensor Bf = B.to(at::kFloat).contiguous();                // (T, G, N)
+  const at::Tensor Cf = C.to(at::kFloat).contiguous();                // (T, G, N)
+  at::Tensor dtf = dt.to(at::kFloat).contiguous();                    // (T, H), processed below
+  if (dt_bias.has_value()) dtf = dtf + dt_bias->to(at::kFloat).reshape({1, H});
   if (dt_softplus) dtf = at::where(dtf <= 20.f, at::log1p(at::exp(dtf)), dtf);
-  dtf.clamp_(dt_min, dt_max);
-  at::Tensor Af = A.to(at::kFloat).contiguous();
-  at::Tensor cum = at::empty_like(dtf);
-  {
-    const float* dp = dtf.const_data_ptr<float>();
-    float* cp = cum.mutable_data_ptr<float>();
-    const float* ap = Af.const_data_ptr<float>();
-    const int64_t T = dtf.size(1);
-    at::parallel_for(0, H, 1, [&](int64_t b, int64_t e) {
-      // vLLM runs models under InferenceMode; pool threads don't inherit it.
-      c10::InferenceMode inference_guard;
-      for (int64_t h = b; h < e; ++h)
-        for (const auto& c : ch) {
-          float s = 0.f;
-          for (int64_t l = 0; l < c.len; ++l) {
-            s += ap[h] * dp[h * T + c.start + l];
-            cp[h * T + c.start + l] = s;
+  dtf = dtf.clamp(dt_min, dt_max).contiguous();
+  const at::Tensor Af = A.to(at::kFloat).contiguous();                // (H,)
+  at::Tensor Df;                                                       // (H, P) or undefined
+  if (D.has_value()) Df = (D->dim() == 1 ? D->reshape({H, 1}) : *D).to(at::kFloat).expand({H, P}).contiguous();
+  at::Tensor zf;                                                       // (T, H*P) or undefined
+  if (z.has_value()) zf = z->to(at::kFloat).contiguous().view({T, HP});
+  const bool direct_out = out.stride(2) == 1 && out.stride(1) == P && out.stride(0) == HP;
+  at::Tensor outc = direct_out ? out : at::empty({T, H, P}, out.options());
+
+  // per-sub-chunk work buffers
+  at::Tensor cum = at::empty({H, kSub}, fopt);          // head-major cumulative A dt
+  at::Tensor dth = at::empty({H, kSub}, fopt);          // head-major dt
+  at::Tensor CB = at::empty({G, kSub, kSub}, fopt);     // C B^T per group
+  at::Tensor M = at::empty({H, kSub, kSub}, fopt);      // masked, decayed C B^T per head
+  at::Tensor Y = at::empty({H, kSub, P}, fopt);         // intra-chunk output, head-major
+  at::Tensor Z = at::empty({G, kSub, RP}, fopt);        // C S^T per group, token-major
+  at::Tensor Xw = at::empty({kSub, HP}, fopt);          // X o w, token-major
+
+  const float* dtp = dtf.const_data_ptr<float>();
+  const float* ap = Af.const_data_ptr<float>();
+  const float* xp = xf.const_data_ptr<float>();
+  const float* Dp = Df.defined() ? Df.const_data_ptr<float>() : nullptr;
+  const float* zp = zf.defined() ? zf.const_data_ptr<float>() : nullptr;
+  float* cump = cum.mutable_data_ptr<float>();
+  float* dthp = dth.mutable_data_ptr<float>();
+  X* op = outc.mutable_data_ptr<X>();
+
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t start = geti(cu_chunk, c), end = geti(cu_chunk, c + 1), seq = geti(seq_idx, c);
+    at::Tensor S = states[c];  // (H, P, N) working state of this chunk, left as its end state
+    if (c > 0 && geti(seq_idx, c - 1) == seq) {
+      S.copy_(states[c - 1]);
+    } else if (init.has_value()) {
+      S.copy_((*init)[seq]);
+    } else {
+      S.zero_();
+    }
+    float* sp = S.mutable_data_ptr<float>();
+    for (int64_t s0 = start; s0 < end; s0 += kSub) {
+      const int64_t L = std::min(kSub, end - s0);
+      // cumulative A dt (sequential over tokens, independent per head)
+      for (int64_t h = 0; h < H; ++h) {
+        float acc = 0.f;
+        for (int64_t l = 0; l < L; ++l) {
+          const float d = dtp[(s0 + l) * H + h];
+          acc += ap[h] * d;
+          cump[h * kSub + l] = acc;
+          dthp[h * kSub + l] = d;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {  // C B^T: (L, N) x (N, L)
+        at::Tensor Cg = Cf.narrow(0, s0, L).select(1, g), Bg = Bf.narrow(0, s0, L).select(1, g);
+        at::Tensor CBg = CB[g].narrow(0, 0, L).narrow(1, 0, L);
+        at::mm_out(CBg, Cg, Bg.t());
+      }
+      // M_h and X o w_h, then decay the carried state; parallel over heads
+      at::parallel_for(0, H, 1, [&](int64_t hb, int64_t he) {
+        c10::InferenceMode inference_guard;  // pool threads don't inherit vLLM's InferenceMode
+        for (int64_t h = hb; h < he; ++h) {
+          const float* cu = cump + h * kSub;
+          const float* dd = dthp + h * kSub;
+          const float* cb = CB.const_data_ptr<float>() + (h / R) * kSub * kSub;
+          float* m = M.mutable_data_ptr<float>() + h * kSub * kSub;
+          for (int64_t i = 0; i < L; ++i) {  // M[i, j] = CB[i, j] exp(cum_i - cum_j) dt_j, j <= i
+            const fVec ci(cu[i]);
+            for (int64_t j = 0; j <= i; j += kVecF) {
+              const int64_t cnt = std::min(kVecF, i + 1 - j);
+              const fVec v = fVec::loadu(cb + i * kSub + j, cnt) * (ci - fVec::loadu(cu + j, cnt)).exp() *
+                             fVec::loadu(dd + j, cnt);
+              v.store(m + i * L + j, cnt);
+            }
+            std::fill(m + i * L + i + 1, m + (i + 1) * L, 0.f);
+          }
+          const float last = cu[L - 1];
+          float* xw = Xw.mutable_data_ptr<float>();
+          for (int64_t j = 0; j < L; ++j) {  // (X o w)[j, h, :]
+            const fVec w(std::exp(last - cu[j]) * dd[j]);
+            const float* xs = xp + (s0 + j) * HP + h * P;
+            float* xd = xw + j * HP + h * P;
+            for (int64_t p = 0; p < P; p += kVecF) {
+              const int64_t cnt = std::min(kVecF, P - p);
+              (fVec::loadu(xs + p, cnt) * w).store(xd + p, cnt);
+            }
           }
         }
-    });
+      });
+      for (int64_t g = 0; g < G; ++g) {
+        // intra-chunk: Y_h = M_h X_h for the heads of the group, one batched GEMM
+        at::Tensor Mg = M.narrow(0, g * R, R).view({R, kSub * kSub}).narrow(1, 0, L * L).view({R, L, L});
+        at::Tensor Xg = xf.narrow(0, s0, L).view({L, H, P}).narrow(1, g * R, R).permute({1, 0, 2});
+        at::Tensor Yg = Y.narrow(0, g * R, R).narrow(1, 0, L);
+        at::bmm_out(Yg, Mg, Xg);
+        // inter-chunk: Z = C_g S_g^T, (L, N) x (N, R*P), before the state moves on
+        at::Tensor Sg = S.narrow(0, g * R, R).view({RP, N});
+        at::Tensor Cg = Cf.narrow(0, s0, L).select(1, g);
+        at::Tensor Zg = Z[g].narrow(0, 0, L);
+        at::mm_out(Zg, Cg, Sg.t());
+      }
+      at::parallel_for(0, H, 1, [&](int64_t hb, int64_t he) {  // S_h *= exp(cum[L-1, h])
+        c10::InferenceMode inference_guard;
+        for (int64_t h = hb; h < he; ++h) {
+          const fVec dec(std::exp(cump[h * kSub + L - 1]));
+          float* s = sp + h * PN;
+          for (int64_t i = 0; i < PN; i += kVecF) {
+            const int64_t cnt = std::min(kVecF, PN - i);
+            (fVec::loadu(s + i, cnt) * dec).store(s + i, cnt);
+          }
+        }
+      });
+      for (int64_t g = 0; g < G; ++g) {  // S_g += (X o w)_g^T B_g: (R*P, L) x (L, N)
+        at::Tensor Sg = S.narrow(0, g * R, R).view({RP, N});
+        at::Tensor XwT = Xw.narrow(0, 0, L).narrow(1, g * RP, RP).t();
+        Sg.addmm_(XwT, Bf.narrow(0, s0, L).select(1, g));
+      }
+      // out = (Y + exp(cum) Z + D x) * silu(z)
+      at::parallel_for(0, L, 1, [&](int64_t ib, int64_t ie) {
+        c10::InferenceMode inference_guard;
+        const float* yp = Y.const_data_ptr<float>();
+        const float* zz = Z.const_data_ptr<float>();
+        for (int64_t i = ib; i < ie; ++i) {
+          const int64_t tok = s0 + i;
+          for (int64_t h = 0; h < H; ++h) {
+            const fVec e(std::exp(cump[h * kSub + i]));
+            const float* yr = yp + (h * kSub + i) * P;
+            const float* zr = zz + ((h / R) * kSub + i) * RP + (h % R) * P;
+            const float* xr = xp + tok * HP + h * P;
+            X* o = op + tok * HP + h * P;
+            for (int64_t p = 0; p < P; p += kVecF) {
+              const int64_t cnt = std::min(kVecF, P - p);
+              fVec y = at::vec::fmadd(fVec::loadu(zr + p, cnt), e, fVec::loadu(yr + p, cnt));
+              if (Dp != nullptr) y = at::vec::fmadd(fVec::loadu(Dp + h * P + p, cnt), fVec::loadu(xr + p, cnt), y);
+              if (zp != nullptr) {
+                const fVec zv = fVec::loadu(zp + tok * HP + h * P + p, cnt);
+                y = y * zv / (fVec(1.f) + zv.neg().exp());
+              }
+              vstore(o + p, y, cnt);
+            }
+          }
+        }
+      });
+    }
   }
-  const float* dtp = dtf.const_data_ptr<float>();
-  const float* cump = cum.const_data_ptr<float>();
-  const int64_t T = dtf.size(1);
-  float* stp = states.mutable_data_ptr<float>();
-  const int64_t PN = P * N;
-
-  // (1) local chunk states: S_loc = X^T (B o w), w_j = exp(cum_last - cum_j) dt_j
-  at::parallel_for(0, nchunks * H, 1, [&](int64_t b, int64_t e) {
-    // vLLM runs models under InferenceMode; pool threads don't inherit it.
-    c10::InferenceMode inference_guard;
-    at::Tensor Bw = at::empty({maxlen, N}, fopt);
-    for (int64_t it = b; it < e; ++it) {
-      const int64_t c = it / H, h = it % H, g = h / ratio;
-      const auto& ci = ch[c];
-      if (ci.len == 0) { std::fill_n(stp + (c * H + h) * PN, PN, 0.f); continue; }
-      const float* cu = cump + h * T + ci.start;
-      const float* dd = dtp + h * T + ci.start;
-      const float* bsrc = Bf.const_data_ptr<float>() + (g * T + ci.start) * N;
-      float* bw = Bw.mutable_data_ptr<float>();
-      for (int64_t l = 0; l < ci.len; ++l) {
-        const float w = std::exp(cu[ci.len - 1] - cu[l]) * dd[l];
-        for (int64_t n = 0; n < N; ++n) bw[l * N + n] = bsrc[l * N + n] * w;
-      }
-      at::Tensor Xc = xf[h].narrow(0, ci.start, ci.len);                 // (L, P)
-      at::Tensor o = states[c][h];                                        // (P, N)
-      at::mm_out(o, Xc.t(), Bw.narrow(0, 0, ci.len));
-    }
-  });
-
-  // (2) state passing, sequentially over the chunks of each sequence
-  std::vector<int64_t> seq_first;  // chunks grouped by sequence, in order
-  for (int64_t c = 0; c < nchunks; ++c)
-    if (c == 0 || ch[c].seq != ch[c - 1].seq) seq_first.push_back(c);
-  seq_first.push_back(nchunks);
-  const int64_t nseq_runs = seq_first.size() - 1;
-  at::parallel_for(0, nseq_runs * H, 1, [&](int64_t b, int64_t e) {
-    // vLLM runs models under InferenceMode; pool threads don't inherit it.
-    c10::InferenceMode inference_guard;
-    for (int64_t it = b; it < e; ++it) {
-      const int64_t r = it / H, h = it % H;
-      const float* prev = nullptr;
-      at::Tensor init_f;
-      const int64_t s = ch[seq_first[r]].seq;
-      std::vector<float> ibuf;
-      if (init.has_value()) {
-        ibuf.resize(PN);
-        const at::Tensor ih = (*init)[s][h];
-        const FAcc fih(ih);
-        for (int64_t i = 0; i < PN; ++i) ibuf[i] = fih( (i / N) * ih.stride(0) + (i % N) * ih.stride(1));
-        prev = ibuf.data();
-      }
-      for (int64_t c = seq_first[r]; c < seq_first[r + 1]; ++c) {
-        float* cur = stp + (c * H + h) * PN;
-        if (prev != nullptr && ch[c].len > 0) {
-          const float dec = std::exp(cump[h * T + ch[c].start + ch[c].len - 1]);
-          const fVec decay(dec);
-          int64_t i = 0;
-          for (; i + kVecF <= PN; i += kVecF)
-            at::vec::fmadd(fVec::loadu(prev + i), decay, fVec::loadu(cur + i)).store(cur + i);
-          for (; i < PN; ++i) cur[i] += prev[i] * dec;
-        } else if (prev != nullptr) {
-          std::copy_n(prev, PN, cur);
-        }
-        prev = cur;
-      }
-    }
-  });
-
-  // (3) outputs
-  std::vector<int64_t> first_of_seq(nchunks);
-  for (int64_t r = 0; r < nseq_runs; ++r)
-    for (int64_t c = seq_first[r]; c < seq_first[r + 1]; ++c) first_of_seq[c] = seq_first[r];
-  at::parallel_for(0, nchunks * H, 1, [&](int64_t b, int64_t e) {
-    // vLLM runs models under InferenceMode; pool threads don't inherit it.
-    c10::InferenceMode inference_guard;
-    at::Tensor M = at::empty({maxlen, maxlen}, fopt);
-    at::Tensor CB = at::empty({maxlen, maxlen}, fopt);
-    at::Tensor Y = at::empty({maxlen, P}, fopt);
-    at::Tensor Ce = at::empty({maxlen, N}, fopt);
-    at::Tensor Sinit = at::empty({P, N}, fopt);
-    int64_t cb_chunk = -1, cb_group = -1;
-    for (int64_t it = b; it < e; ++it) {
-      const int64_t c = it / H, h = it % H, g = h / ratio;
-      const auto& ci = ch[c];
-      const int64_t L = ci.len;
-      if (L == 0) continue;
-      at::Tensor Cc = Cf[g].narrow(0, ci.start, L);
-      at::Tensor CBl = CB.narrow(0, 0, L).narrow(1, 0, L);
-      if (cb_chunk != c || cb_group != g) {  // C B^T is shared by the heads of a group
-        at::mm_out(CBl, Cc, Bf[g].narrow(0, ci.start, L).t());
-        cb_chunk = c; cb_group = g;
-      }
-      const float* cu = cump + h * T + ci.start;
-      const float* dd = dtp + h * T + ci.start;
-      float* mp = M.mutable_data_ptr<float>();
-      const float* cbp = CB.const_data_ptr<float>();
-      for (int64_t i = 0; i < L; ++i) {  // M[i, j] = CB[i, j] exp(cum_i - cum_j) dt_j, j <= i
-        const fVec ci(cu[i]);
-        for (int64_t j = 0; j <= i; j += kVecF) {
-          const int64_t cnt = std::min(kVecF, i + 1 - j);
-          const fVec m = fVec::loadu(cbp + i * maxlen + j, cnt) * (ci - fVec::loadu(cu + j, cnt)).exp() *
-                         fVec::loadu(dd + j, cnt);
-          m.store(mp + i * L + j, cnt);
-        }
-        for (int64_t j = i + 1; j < L; ++j) mp[i * L + j] = 0.f;
-      }
-      at::Tensor Ml = at::from_blob(mp, {L, L}, fopt);
-      at::Tensor Yl = Y.narrow(0, 0, L);
-      at::mm_out(Yl, Ml, xf[h].narrow(0, ci.start, L));
-      // carried state: the previous chunk's end state, or the initial state
-      const float* sprev = nullptr;
-      if (c != first_of_seq[c]) {
-        sprev = stp + ((c - 1) * H + h) * PN;
-      } else if (init.has_value()) {
-        const at::Tensor ih = (*init)[ci.seq][h];
-        const FAcc fih(ih);
-        float* sp = Sinit.mutable_data_ptr<float>();
-        for (int64_t i = 0; i < PN; ++i) sp[i] = fih( (i / N) * ih.stride(0) + (i % N) * ih.stride(1));
-        sprev = sp;
-      }
-      if (sprev != nullptr) {
-        float* cep = Ce.mutable_data_ptr<float>();
-        const float* csrc = Cc.const_data_ptr<float>();
-        for (int64_t i = 0; i < L; ++i) {
-          const float w = std::exp(cu[i]);
-          for (int64_t n = 0; n < N; ++n) cep[i * N + n] = csrc[i * N + n] * w;
-        }
-        at::Tensor Sp = at::from_blob(const_cast<float*>(sprev), {P, N}, fopt);
-        Yl.addmm_(Ce.narrow(0, 0, L), Sp.t());
-      }
-      // D skip, z gate, store
-      const float* yp = Yl.const_data_ptr<float>();
-      const FAcc fD(D), fz(z);
-      const int64_t so0 = out.stride(0), so1 = out.stride(1), so2 = out.stride(2);
-      X* op = out.mutable_data_ptr<X>();
-      const X* xp = x.const_data_ptr<X>();
-      for (int64_t i = 0; i < L; ++i) {
-        const int64_t tok = ci.start + i;
-        for (int64_t p = 0; p < P; ++p) {
-          float y = yp[i * P + p];
-          if (D.has_value())
-            y += (D->dim() == 1 ? fD( h * D->stride(0)) : fD( h * D->stride(0) + p * D->stride(1))) *
-                 tof(xp[tok * x.stride(0) + h * x.stride(1) + p * x.stride(2)]);
-          if (z.has_value()) y *= silu(fz( tok * z->stride(0) + h * z->stride(1) + p * z->stride(2)));
-          op[tok * so0 + h * so1 + p * so2] = X(y);
-        }
-      }
-    }
-  });
+  if (!direct_out) out.copy_(outc);
 }
 
 void ssd_chunk_scan(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,

@@ -70,20 +70,22 @@ def test_ref_matches_recurrence():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("lens", [[1], [2], [33], [70, 5, 1]])
+@pytest.mark.parametrize("lens,chunk", [([1], 16), ([2], 16), ([33], 16), ([70, 5, 1], 16),
+                                        # chunks longer than the kernel's 64-token sub-chunks
+                                        ([300, 1, 129], 160), ([64, 65], 256)])
 @pytest.mark.parametrize("with_init", [True, False])
 @pytest.mark.parametrize("intermediate", [True, False])
-def test_fast_vs_ref(dtype, lens, with_init, intermediate):
+def test_fast_vs_ref(dtype, lens, chunk, with_init, intermediate):
     T = sum(lens)
     x, dt, A, B, C = _inputs(T, dtype, seed=len(lens))
     D, z, dtb = torch.randn(H, P), torch.randn(T, H, P, dtype=dtype), torch.randn(H)
     init = torch.randn(len(lens), H, P, N) if with_init else None
-    cu, cuc, last, sidx = chunk_meta(lens, 16, computed=[5 * i for i in range(len(lens))])
+    cu, cuc, last, sidx = chunk_meta(lens, chunk, computed=[5 * i for i in range(len(lens))])
     o1, o2 = torch.empty_like(x), torch.empty_like(x)
     kw = dict(D=D, z=z, dt_bias=dtb, initial_states=init, dt_softplus=True, dt_limit=(0.0, 5.0),
               return_intermediate_states=intermediate, state_dtype=torch.float32)
-    r1 = mamba_chunk_scan_combined_varlen_ref(x, dt, A, B, C, 16, cu, cuc, last, sidx, o1, **kw)
-    r2 = mamba_chunk_scan_combined_varlen(x, dt, A, B, C, 16, cu, cuc, last, sidx, o2, **kw)
+    r1 = mamba_chunk_scan_combined_varlen_ref(x, dt, A, B, C, chunk, cu, cuc, last, sidx, o1, **kw)
+    r2 = mamba_chunk_scan_combined_varlen(x, dt, A, B, C, chunk, cu, cuc, last, sidx, o2, **kw)
     assert_close(o2, o1, dtype, "out")
     assert_close(r2, r1, torch.float32 if dtype == torch.float32 else dtype, "states")
     if intermediate:

@@ -74,4 +74,12 @@ def stop_layer_profile(model) -> dict[str, float]:
     for event in profiler.key_averages():
         if event.key.startswith("vhn::"):
             totals[event.key[5:]] = event.cpu_time_total / 1e3
+        elif event.key in _RECURRENT_CORE_OPS:  # conv + recurrence, without projections
+            totals["recurrent_core"] = totals.get("recurrent_core", 0.0) + event.cpu_time_total / 1e3
     return totals
+
+
+# vLLM's custom ops that bracket exactly the conv + SSM / delta-rule core of a mixer
+# (both the plugin's layers and vLLM's native ones go through them).
+_RECURRENT_CORE_OPS = ("vllm::mamba_mixer2", "vllm::qwen_gdn_attention_core",
+                       "vllm::cpu_gdn_attention_core")
