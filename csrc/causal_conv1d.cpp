@@ -2,6 +2,7 @@
 // Channels are processed in blocks of kCB; every token is one vectorised pass over a block.
 #include <c10/core/InferenceMode.h>
 #include "common.h"
+#include "ops.h"
 
 namespace vhn {
 namespace {
@@ -18,6 +19,28 @@ inline void conv_block(const float (*w)[kCB], const float* bias, float* const* w
       acc = at::vec::fmadd(fVec::loadu(w[j] + c), fVec::loadu(win[j] + c), acc);
     if (silu) acc = acc / (fVec(1.f) + acc.neg().exp());
     acc.store(out + c);
+  }
+}
+
+// One channel block as kCB floats (tail lanes 0); vector loads when channels are contiguous.
+template <typename T>
+inline void load_row(float* dst, const T* src, int64_t stride, int64_t nc) {
+  if (stride == 1) {
+    for (int64_t c = 0; c < kCB; c += kVecF) {
+      const int64_t cnt = std::min(kVecF, nc - c);
+      (cnt > 0 ? vload(src + c, cnt) : fVec(0.f)).store(dst + c);
+    }
+  } else {
+    for (int64_t c = 0; c < kCB; ++c) dst[c] = c < nc ? tof(src[c * stride]) : 0.f;
+  }
+}
+
+template <typename T>
+inline void store_row(T* dst, const float* src, int64_t stride, int64_t nc) {
+  if (stride == 1) {
+    for (int64_t c = 0; c < nc; c += kVecF) vstore(dst + c, fVec::loadu(src + c), std::min(kVecF, nc - c));
+  } else {
+    for (int64_t c = 0; c < nc; ++c) dst[c * stride] = T(src[c]);
   }
 }
 
@@ -61,25 +84,24 @@ void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const c10::opt
       load_params(p, weight, bias, c0, nc, W);
       const bool init = has_init.has_value() && geti(*has_init, s * has_init->stride(0)) != 0;
       T* st = sp + slot * ss0 + c0 * ss1;
-      for (int64_t j = 0; j < SL; ++j)
-        for (int64_t c = 0; c < kCB; ++c) hist[j][c] = (init && c < nc) ? tof(st[c * ss1 + j * ss2]) : 0.f;
+      for (int64_t j = 0; j < SL; ++j) {
+        if (init) load_row(hist[j], st + j * ss2, ss1, nc); else std::fill_n(hist[j], kCB, 0.f);
+      }
       float* win[kMaxW];
       for (int64_t j = 0; j < W; ++j) win[j] = hist[j];
       alignas(64) float res[kCB];
       for (int64_t t = bos; t < eos; ++t) {
         float* cur = win[SL];
         const T* xt = xp + t * sxt + c0 * sxd;
-        for (int64_t c = 0; c < kCB; ++c) cur[c] = c < nc ? tof(xt[c * sxd]) : 0.f;
+        load_row(cur, xt, sxd, nc);
         conv_block(p.w, p.b, win, W, silu, res);
-        T* ot = op + t * sot + c0 * sod;
-        for (int64_t c = 0; c < nc; ++c) ot[c * sod] = T(res[c]);
+        store_row(op + t * sot + c0 * sod, res, sod, nc);
         float* first = win[0];  // rotate the window
         for (int64_t j = 0; j < SL; ++j) win[j] = win[j + 1];
         win[SL] = first;
       }
       // final state: the last SL inputs (zero padded / initial state when the seq is short)
-      for (int64_t j = 0; j < SL; ++j)
-        for (int64_t c = 0; c < nc; ++c) st[c * ss1 + j * ss2] = T(win[j][c]);
+      for (int64_t j = 0; j < SL; ++j) store_row(st + j * ss2, win[j], ss1, nc);
     }
   });
 }
@@ -145,29 +167,25 @@ void conv_update_impl(const at::Tensor& x, at::Tensor& cs, const at::Tensor& wei
       load_params(p, weight, bias, c0, nc, W);
       T* st = sp + slot * ss0 + c0 * ss1;
       // rows[0..W-2] = window at `off`, rows[W-1..W-2+L] = the new tokens
-      for (int64_t j = 0; j < W - 1; ++j)
-        for (int64_t c = 0; c < kCB; ++c) rows[j][c] = c < nc ? tof(st[c * ss1 + (off + j) * ss2]) : 0.f;
-      for (int64_t t = 0; t < L; ++t)
-        for (int64_t c = 0; c < kCB; ++c) rows[W - 1 + t][c] = c < nc ? tof(xb[(c0 + c) * sxd + t * sxt]) : 0.f;
+      for (int64_t j = 0; j < W - 1; ++j) load_row(rows[j], st + (off + j) * ss2, ss1, nc);
+      for (int64_t t = 0; t < L; ++t) load_row(rows[W - 1 + t], xb + c0 * sxd + t * sxt, sxd, nc);
       // new state column i: old state column off+i+shift while it exists, then the tokens
       alignas(64) float keep[kMaxRows][kCB];
       const int64_t shift = spec ? 1 : L, nkeep = std::max<int64_t>(S_b - L, 0);
-      for (int64_t i = 0; i < nkeep; ++i)
-        for (int64_t c = 0; c < nc; ++c) keep[i][c] = tof(st[c * ss1 + (off + i + shift) * ss2]);
-      for (int64_t i = 0; i < S_b; ++i) {
-        const float* src = i < nkeep ? keep[i] : rows[W - 1 + i - (S_b - L)];
-        for (int64_t c = 0; c < nc; ++c) st[c * ss1 + i * ss2] = T(src[c]);
-      }
+      for (int64_t i = 0; i < nkeep; ++i) load_row(keep[i], st + (off + i + shift) * ss2, ss1, nc);
+      for (int64_t i = 0; i < S_b; ++i)
+        store_row(st + i * ss2, i < nkeep ? keep[i] : rows[W - 1 + i - (S_b - L)], ss1, nc);
       float* win[kMaxW];
       for (int64_t t = 0; t < L; ++t) {
         for (int64_t j = 0; j < W; ++j) win[j] = rows[t + j];
         conv_block(p.w, p.b, win, W, silu, res);
-        T* ot = ob + c0 * sod + t * sot;
-        for (int64_t c = 0; c < nc; ++c) ot[c * sod] = T(res[c]);
+        store_row(ob + c0 * sod + t * sot, res, sod, nc);
       }
     }
   });
 }
+
+}  // namespace
 
 void causal_conv1d_update(const at::Tensor& x, at::Tensor& conv_state, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias, bool silu,
@@ -184,8 +202,6 @@ void causal_conv1d_update(const at::Tensor& x, at::Tensor& conv_state, const at:
                         query_start_loc, max_query_len, null_block_id, out);
   });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(vllm_hybrid_neuron, CPU, m) {
   m.impl("causal_conv1d_fwd", &causal_conv1d_fwd);

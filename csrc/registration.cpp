@@ -26,6 +26,12 @@ TORCH_LIBRARY(vllm_hybrid_neuron, m) {
       "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, "
       "Tensor? state_batch_indices, Tensor? dst_state_batch_indices, int null_block_id, "
       "Tensor(b!) out, Tensor? num_accepted_tokens, Tensor? cu_seqlens) -> ()");
+  // One Mamba2 decode step: conv update of xbc (batch, H*P + 2*G*N) in place, then
+  // selective_state_update with softplus(dt + dt_bias); out: (batch, nheads, headdim).
+  m.def(
+      "mamba2_decode(Tensor(a!) xbc, Tensor dt, Tensor(b!) conv_state, Tensor conv_weight, "
+      "Tensor? conv_bias, bool silu, Tensor(c!) ssm_state, Tensor A, Tensor? D, Tensor? dt_bias, "
+      "Tensor slots, int ngroups, int null_block_id, Tensor(d!) out) -> ()");
   // Chunked SSD (Mamba2) prefill; chunk_states: (nchunks, nheads, headdim, dstate) fp32.
   m.def(
       "ssd_chunk_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "

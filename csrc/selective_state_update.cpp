@@ -4,6 +4,7 @@
 // row after token t is stored to token t's destination slot (plain decode: one slot, in place).
 #include <c10/core/InferenceMode.h>
 #include "common.h"
+#include "ops.h"
 #include <immintrin.h>
 
 namespace vhn {
@@ -242,6 +243,8 @@ void ssu_impl(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, cons
   });
 }
 
+}  // namespace
+
 void selective_state_update(at::Tensor& state, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
                             const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
                             const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& dt_bias,
@@ -264,8 +267,6 @@ void selective_state_update(at::Tensor& state, const at::Tensor& x, const at::Te
     });
   });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(vllm_hybrid_neuron, CPU, m) {
   m.impl("selective_state_update", &selective_state_update);

@@ -37,11 +37,17 @@ def test_fn_ref_matches_formula(width):
 @pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("lens", [[1], [2], [1, 2, 7], [129, 3, 0, 66]])
 @pytest.mark.parametrize("silu", [True, False])
-def test_fn_fast_vs_ref(dtype, width, lens, silu):
+@pytest.mark.parametrize("layout", ["vllm", "channel-major"])
+def test_fn_fast_vs_ref(dtype, width, lens, silu, layout):
     torch.manual_seed(1)
     dim, slots = 72, 8  # dim not a multiple of the 64-channel block
     T = sum(lens)
-    x = torch.randn(T, dim, dtype=dtype).t()  # channel-last, as vLLM passes it
+    if layout == "vllm":  # channel-last x and state, as vLLM passes them (vector path)
+        x = torch.randn(T, dim, dtype=dtype).t()
+        states = torch.randn(slots, width - 1 + 2, dim, dtype=dtype).transpose(1, 2)  # (slots, dim, sl)
+    else:  # strided channels (scalar path)
+        x = torch.randn(dim, T, dtype=dtype)
+        states = torch.randn(slots, dim, width - 1 + 2, dtype=dtype)
     w, b = torch.randn(dim, width), torch.randn(dim)
     qsl = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
     n = len(lens)
@@ -49,7 +55,6 @@ def test_fn_fast_vs_ref(dtype, width, lens, silu):
     if n > 1:
         idx[1] = -1  # padded slot
     has_init = torch.tensor([i % 2 == 0 for i in range(n)])
-    states = torch.randn(slots, width - 1 + 2, dim, dtype=dtype).transpose(1, 2)  # (slots, dim, sl) view
     s1, s2 = states.clone(), states.clone()
     o1 = causal_conv1d_fn_ref(x, w, b, s1, qsl, idx, has_init, "silu" if silu else None)
     o2 = causal_conv1d_fn(x, w, b, s2, qsl, idx, has_init, "silu" if silu else None)

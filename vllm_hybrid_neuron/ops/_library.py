@@ -21,6 +21,7 @@ _OPS = (
     "causal_conv1d_fwd",
     "causal_conv1d_update",
     "selective_state_update",
+    "mamba2_decode",
     "ssd_chunk_scan",
     "gdn_recurrent",
     "gdn_chunk",

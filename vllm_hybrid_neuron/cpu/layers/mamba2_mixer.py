@@ -23,6 +23,7 @@ from vllm_hybrid_neuron.cpu.layers.prefill_checkpoint import store_prefill_check
 from vllm_hybrid_neuron.ops import (
     causal_conv1d_fn,
     causal_conv1d_update,
+    mamba2_decode,
     mamba_chunk_scan_combined_varlen,
     selective_state_update,
 )
@@ -94,6 +95,12 @@ class PluginMambaMixer2(MambaMixer2):
         tokens = xbc.shape[0]
         heads, groups = self.num_heads // self.tp_size, self.n_groups // self.tp_size
         slots = meta.state_indices_tensor_d  # (decodes,) or (decodes, 1 + num_spec)
+        if meta.num_accepted_tokens is None:  # one token per sequence: a single fused op
+            mamba2_decode(
+                xbc, dt, conv_state, self.conv_weights, self.conv1d.bias, ssm_state, self.A,
+                self.D, self.dt_bias, slots if slots.dim() == 1 else slots[:, 0], groups,
+                out.view(tokens, heads, self.head_dim), self.activation)
+            return
         xbc = causal_conv1d_update(
             xbc, conv_state, self.conv_weights, self.conv1d.bias, self.activation,
             conv_state_indices=slots, num_accepted_tokens=meta.num_accepted_tokens,
