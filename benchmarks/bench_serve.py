@@ -6,7 +6,7 @@ Builds a random checkpoint with realistic layer widths (fewer layers), then in o
 serves it twice with `vllm serve` - once with the plugin, once with VLLM_PLUGINS set so
 the plugin is not loaded (vLLM's native CPU path) - and drives each with
 `vllm bench serve` (random dataset; 1024 in / 128 out and 128 in / 512 out;
-concurrency 1 and 4; both cores bound). Writes benchmarks/results/serve-<family>.json
+concurrency 1 and 4; both cores bound), the two paths' runs interleaved. Writes benchmarks/results/serve-<family>.json
 and .md (medians of --runs, and plugin/native ratios); plot_serve.py draws the PNG.
 """
 
@@ -59,25 +59,39 @@ def bench_once(server: VllmServer, model_dir: str, inp: int, out: int, conc: int
     return {m: result[m] for m in METRICS}
 
 
-def serve_and_bench(model_dir: str, plugin: bool, runs: int, quick: bool) -> dict:
+def serve_and_bench(model_dir: str, plugin: bool, quick: bool) -> dict:
+    """One server start, every workload once; returns {workload: metrics}."""
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4"}
     if not plugin:
         env["VLLM_PLUGINS"] = "none"  # load no general plugin: vLLM's native classes
     args = ["--served-model-name", "bench", "--dtype", "bfloat16", "--max-model-len", "2048",
             "--enforce-eager", "--no-enable-prefix-caching"]
-    table = {}
+    sample = {}
     with VllmServer(model_dir, args, env=env, ready_timeout=900) as server:
         assert ("vllm-hybrid-neuron" in server.log()) == plugin
         bench_once(server, model_dir, 64, 16, 1, 2)  # warm-up
         for inp, out in WORKLOADS:
             for conc in CONCURRENCY:
                 num_prompts = conc * (1 if quick else 2)
-                samples = [bench_once(server, model_dir, inp, out, conc, num_prompts)
-                           for _ in range(runs)]
                 key = f"in{inp}-out{out}-c{conc}"
-                table[key] = {m: statistics.median(s[m] for s in samples) for m in METRICS}
-                table[key]["samples"] = samples
-                print(key, "plugin" if plugin else "native", table[key], flush=True)
+                sample[key] = bench_once(server, model_dir, inp, out, conc, num_prompts)
+                print(key, "plugin" if plugin else "native", sample[key], flush=True)
+    return sample
+
+
+def interleaved_runs(model_dir: str, runs: int, quick: bool) -> dict:
+    """plugin, native, plugin, native, ...: slow drift of a shared machine hits both paths
+    alike instead of biasing the ratio; medians over the runs."""
+    samples = {"plugin": [], "native": []}
+    for _ in range(runs):
+        for path in ("plugin", "native"):
+            samples[path].append(serve_and_bench(model_dir, path == "plugin", quick))
+    table = {}
+    for path, runs_ in samples.items():
+        table[path] = {}
+        for key in runs_[0]:
+            table[path][key] = {m: statistics.median(r[key][m] for r in runs_) for m in METRICS}
+            table[path][key]["samples"] = [r[key] for r in runs_]
     return table
 
 
@@ -110,9 +124,7 @@ def main() -> None:
         print(f"built {model_dir} in {time.time() - t0:.0f}s", flush=True)
     results = {"family": args.family, "preset": preset, "overrides": overrides,
                "runs": args.runs}
-    for plugin in (True, False):
-        results["plugin" if plugin else "native"] = serve_and_bench(
-            model_dir, plugin, args.runs, args.quick)
+    results.update(interleaved_runs(model_dir, args.runs, args.quick))
     out = RESULTS / f"serve-{args.family}"
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(args.family, results, out.with_suffix(".md"))

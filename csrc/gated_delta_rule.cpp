@@ -187,37 +187,67 @@ void chunk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
           bt[i] = fbeta( tok * beta.stride(0) + hv * beta.stride(1));
         }
         at::Tensor Ql = Qc.narrow(0, 0, L), Kl = Kc.narrow(0, 0, L);
-        // A (strictly lower) and the right-hand sides
+        // A = K K^T (strictly lower part used) and Q K^T
         at::Tensor Al = Amat.narrow(0, 0, L).narrow(1, 0, L);
         at::mm_out(Al, Kl, Kl.t());
         at::Tensor QKl = QK.narrow(0, 0, L).narrow(1, 0, L);
         at::mm_out(QKl, Ql, Kl.t());
         float* ap = Amat.mutable_data_ptr<float>();
         float* qkp = QK.mutable_data_ptr<float>();
-        for (int64_t i = 0; i < L; ++i) {
-          for (int64_t j = 0; j < L; ++j) {
-            const float dec = j <= i ? std::exp(gc[i] - gc[j]) : 0.f;
-            ap[i * CS + j] = j < i ? bt[i] * dec * ap[i * CS + j] : (j == i ? 1.f : 0.f);
-            qkp[i * CS + j] *= dec;
+        for (int64_t i = 0; i < L; ++i) {  // decays exp(g_i - g_j), j <= i; vectorised over j
+          const fVec gi(gc[i]), bi(bt[i]);
+          float* arow = ap + i * CS;
+          float* qrow = qkp + i * CS;
+          for (int64_t j = 0; j <= i; j += kVecF) {
+            const int64_t cnt = std::min(kVecF, i + 1 - j);
+            const fVec dec = (gi - fVec::loadu(gc.data() + j, cnt)).exp();
+            (fVec::loadu(arow + j, cnt) * dec * bi).store(arow + j, cnt);  // column i is never read
+            (fVec::loadu(qrow + j, cnt) * dec).store(qrow + j, cnt);
           }
+          std::fill(qrow + i + 1, qrow + L, 0.f);
         }
+        // right-hand sides [beta v | beta exp(g) k]; Kd = exp(g_L - g) k; Q <- diag(exp(g)) Q
         float* rp = RHS.mutable_data_ptr<float>();
         float* kdp = Kd.mutable_data_ptr<float>();
+        const T* vp = v.const_data_ptr<T>();
         for (int64_t i = 0; i < L; ++i) {
           const int64_t tok = c0 + i;
           const float G = std::exp(gc[i]), dl = std::exp(gc[L - 1] - gc[i]);
-          for (int64_t r = 0; r < V; ++r)
-            rp[i * (V + K) + r] = bt[i] * tof(v.const_data_ptr<T>()[tok * v.stride(0) + hv * v.stride(1) + r * v.stride(2)]);
-          for (int64_t j = 0; j < K; ++j) {
-            rp[i * (V + K) + V + j] = bt[i] * G * kcp[i * K + j];
-            kdp[i * K + j] = dl * kcp[i * K + j];
+          float* r = rp + i * (V + K);
+          const T* vrow = vp + tok * v.stride(0) + hv * v.stride(1);
+          if (v.stride(2) == 1) {
+            for (int64_t c = 0; c < V; c += kVecF) {
+              const int64_t cnt = std::min(kVecF, V - c);
+              (vload(vrow + c, cnt) * fVec(bt[i])).store(r + c, cnt);
+            }
+          } else {
+            for (int64_t c = 0; c < V; ++c) r[c] = bt[i] * tof(vrow[c * v.stride(2)]);
           }
-          for (int64_t j = 0; j < K; ++j) qcp[i * K + j] *= G;  // Q <- diag(G) Q (QK already formed)
+          const float* kr = kcp + i * K;
+          float* qr = qcp + i * K;
+          for (int64_t c = 0; c < K; c += kVecF) {
+            const int64_t cnt = std::min(kVecF, K - c);
+            const fVec kv = fVec::loadu(kr + c, cnt);
+            (kv * fVec(bt[i] * G)).store(r + V + c, cnt);
+            (kv * fVec(dl)).store(kdp + i * K + c, cnt);
+            (fVec::loadu(qr + c, cnt) * fVec(G)).store(qr + c, cnt);
+          }
         }
-        at::Tensor Rl = RHS.narrow(0, 0, L);
-        at::Tensor X = at::linalg_solve_triangular(Al, Rl, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
-        at::Tensor U = X.narrow(1, 0, V).clone();
-        U.addmm_(X.narrow(1, V, K), Sf.t(), 1.f, -1.f);  // U = U0 - W S^T
+        // forward substitution with the unit lower-triangular (I + A): X_i = R_i - sum_{j<i} A_ij X_j
+        for (int64_t i = 1; i < L; ++i) {
+          float* xi = rp + i * (V + K);
+          for (int64_t j = 0; j < i; ++j) {
+            const fVec a(ap[i * CS + j]);
+            const float* xj = rp + j * (V + K);
+            int64_t c = 0;
+            for (; c + kVecF <= V + K; c += kVecF)
+              (fVec::loadu(xi + c) - a * fVec::loadu(xj + c)).store(xi + c);
+            for (; c < V + K; ++c) xi[c] -= ap[i * CS + j] * xj[c];
+          }
+        }
+        at::Tensor X = RHS.narrow(0, 0, L);
+        at::Tensor U = X.narrow(1, 0, V);
+        U.addmm_(X.narrow(1, V, K), Sf.t(), 1.f, -1.f);  // U = U0 - W S^T (in place)
         at::Tensor Ol = Oc.narrow(0, 0, L);
         at::mm_out(Ol, Ql, Sf.t());  // diag(G) Q S^T
         Ol.addmm_(QKl, U);
@@ -225,9 +255,14 @@ void chunk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
         Sf.addmm_(U.t(), Kd.narrow(0, 0, L));
         const float* ocp = Oc.const_data_ptr<float>();
         T* op = out.mutable_data_ptr<T>();
-        for (int64_t i = 0; i < L; ++i)
-          for (int64_t r = 0; r < V; ++r)
-            op[(c0 + i) * out.stride(0) + hv * out.stride(1) + r * out.stride(2)] = T(ocp[i * V + r]);
+        for (int64_t i = 0; i < L; ++i) {
+          T* orow = op + (c0 + i) * out.stride(0) + hv * out.stride(1);
+          if (out.stride(2) == 1) {
+            for (int64_t c = 0; c < V; c += kVecF) vstore(orow + c, fVec::loadu(ocp + i * V + c), std::min(kVecF, V - c));
+          } else {
+            for (int64_t c = 0; c < V; ++c) orow[c * out.stride(2)] = T(ocp[i * V + c]);
+          }
+        }
       }
       (void)sfp;
       Sslot.copy_(Sf);

@@ -13,6 +13,8 @@ State layout: recurrent state (blocks, HV, V, K) fp32/bf16; conv state viewed as
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import (
@@ -21,6 +23,7 @@ from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import (
 from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
 from vllm.utils.torch_utils import _encode_layer_name
 
+from vllm_hybrid_neuron import envs
 from vllm_hybrid_neuron.cpu.layers import op_stats
 from vllm_hybrid_neuron.cpu.layers.prefill_checkpoint import store_prefill_checkpoint
 from vllm_hybrid_neuron.ops import (
@@ -30,6 +33,24 @@ from vllm_hybrid_neuron.ops import (
     fused_sigmoid_gating_delta_rule_update,
     sigmoid_gating,
 )
+
+
+logger = logging.getLogger("vllm.hybrid_neuron")
+
+
+def vllm_bf16_prefill_kernel():
+    """vLLM's own bf16 chunked gated-delta-rule CPU kernel when it is to be used for bf16
+    prefills (see ``envs.gdn_prefill_kernel``), else None. Measured (benchmarks/bench_ops.py,
+    Qwen3.5-35B-A3B shapes, 2048 tokens) it is ~2x faster than the plugin's fp32-GEMM kernel,
+    which stays the fp32 path and the reference-tested fallback."""
+    choice = envs.gdn_prefill_kernel()
+    available = hasattr(torch.ops._C, "chunk_gated_delta_rule_cpu")
+    if choice == "plugin" or (choice == "auto" and not available):
+        return None
+    if not available:
+        raise RuntimeError(f"{envs.GDN_PREFILL_ENV}=vllm: this vLLM build has no "
+                           "chunk_gated_delta_rule_cpu kernel")
+    return torch.ops._C.chunk_gated_delta_rule_cpu
 
 
 class PluginGatedDeltaNet(QwenGatedDeltaNetAttention):
@@ -81,6 +102,16 @@ class PluginGatedDeltaNet(QwenGatedDeltaNetAttention):
             core_attn_out.index_copy_(0, non_spec_idx, out)
         else:
             core_attn_out[:n] = out
+
+    def _bf16_prefill_kernel(self):
+        if not hasattr(self, "_vhn_bf16_prefill"):
+            self._vhn_bf16_prefill = vllm_bf16_prefill_kernel()
+            if not getattr(PluginGatedDeltaNet, "_vhn_logged", False):
+                PluginGatedDeltaNet._vhn_logged = True
+                logger.info("GDN bf16 chunked prefill kernel: %s",
+                            "vLLM's chunk_gated_delta_rule_cpu" if self._vhn_bf16_prefill
+                            is not None else "vllm_hybrid_neuron::gdn_chunk")
+        return self._vhn_bf16_prefill
 
     def _conv_weight(self) -> torch.Tensor:
         # vLLM packs bf16 width-4 conv weights for its own kernel and keeps the plain
@@ -167,8 +198,7 @@ class PluginGatedDeltaNet(QwenGatedDeltaNetAttention):
                                      conv_state, ssm_state, cu,
                                      state_len=self.conv_kernel_size - 1)
 
-    @staticmethod
-    def _chunk(q, k, v, g, beta, out, ssm_state, starts, ends, slots) -> None:
+    def _chunk(self, q, k, v, g, beta, out, ssm_state, starts, ends, slots) -> None:
         """One chunked gated-delta-rule call over token ranges [starts, ends)."""
         lengths = (ends - starts).to(torch.long)
         contiguous = bool((starts[1:] == ends[:-1]).all()) and int(starts[0]) == 0 \
@@ -181,10 +211,22 @@ class PluginGatedDeltaNet(QwenGatedDeltaNetAttention):
             cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
             cu[1:] = torch.cumsum(lengths, 0)
         pick = (lambda t: t) if idx is None else (lambda t: t[:, idx])
-        o, _ = chunk_gated_delta_rule(
-            pick(q), pick(k), pick(v), pick(g), pick(beta), initial_state=ssm_state,
-            output_final_state=False, cu_seqlens=cu, use_qk_l2norm_in_kernel=True,
-            initial_state_indices=slots)
+        vllm_kernel = self._bf16_prefill_kernel() if q.dtype == torch.bfloat16 else None
+        if vllm_kernel is not None:
+            # vLLM's kernel reads and writes state rows as (HV, K, V), the transpose of the
+            # cache's (HV, V, K) that every other op here uses: run it on transposed copies.
+            rows = slots.long()
+            pool = ssm_state[rows].transpose(-1, -2).contiguous()  # (N, HV, K, V)
+            o, _ = vllm_kernel(pick(q), pick(k), pick(v), pick(g), pick(beta).to(q.dtype),
+                               pool, False, cu, False, True,
+                               torch.arange(rows.numel(), dtype=torch.int32), 1e-6)
+            ssm_state[rows] = pool.transpose(-1, -2).to(ssm_state.dtype)
+            op_stats.count("gdn_prefill_vllm_bf16_kernel")
+        else:
+            o, _ = chunk_gated_delta_rule(
+                pick(q), pick(k), pick(v), pick(g), pick(beta), initial_state=ssm_state,
+                output_final_state=False, cu_seqlens=cu, use_qk_l2norm_in_kernel=True,
+                initial_state_indices=slots)
         if idx is None:
             out.copy_(o[0])
         else:

@@ -1,0 +1,51 @@
+"""The bf16 chunked gated-delta-rule prefill may run on vLLM's own CPU kernel (faster in
+bf16). That kernel keeps state rows as (HV, K, V), the transpose of the cache layout
+(HV, V, K) the plugin's ops use; the layer runs it on transposed copies. Pinned here: the
+kernel's layout, and that output and state then equal the reference within bf16 tolerance."""
+
+import pytest
+import torch
+
+from tests.ops._helpers import assert_close
+from vllm_hybrid_neuron import envs
+from vllm_hybrid_neuron.cpu.layers.gated_deltanet import vllm_bf16_prefill_kernel
+from vllm_hybrid_neuron.ops import chunk_gated_delta_rule_ref
+
+
+def test_env_choice(monkeypatch):
+    monkeypatch.setenv(envs.GDN_PREFILL_ENV, "plugin")
+    assert vllm_bf16_prefill_kernel() is None
+    monkeypatch.setenv(envs.GDN_PREFILL_ENV, "auto")
+    assert vllm_bf16_prefill_kernel() is not None  # vLLM 0.32 CPU ships the kernel
+    monkeypatch.setenv(envs.GDN_PREFILL_ENV, "fastest")
+    with pytest.raises(ValueError, match=envs.GDN_PREFILL_ENV):
+        vllm_bf16_prefill_kernel()
+
+
+def test_vllm_kernel_matches_the_reference(monkeypatch):
+    monkeypatch.setenv(envs.GDN_PREFILL_ENV, "vllm")
+    kernel = vllm_bf16_prefill_kernel()
+    torch.manual_seed(0)
+    lens, H, HV, K, V = [130, 7], 2, 4, 128, 128
+    T = sum(lens)
+    qkv = torch.randn(T, 2 * H * K + HV * V, dtype=torch.bfloat16)  # packed, as the layer has it
+    q = qkv[:, :H * K].view(1, T, H, K)
+    k = qkv[:, H * K:2 * H * K].view(1, T, H, K)
+    v = qkv[:, 2 * H * K:].view(1, T, HV, V)
+    g = -torch.rand(1, T, HV) * 0.2
+    beta = torch.rand(1, T, HV)
+    pool = torch.randn(5, HV, V, K) * 0.05
+    slots = torch.tensor([3, 1], dtype=torch.int32)
+    cu = torch.tensor([0, lens[0], T], dtype=torch.int32)
+    ref_pool = pool.clone()
+    o_ref, _ = chunk_gated_delta_rule_ref(q, k, v, g, beta, None, ref_pool, False, cu, True,
+                                          initial_state_indices=slots)
+    pool_kv = pool.transpose(-1, -2).contiguous()  # (slots, HV, K, V): the kernel's layout
+    o, _ = kernel(q, k, v, g, beta.to(torch.bfloat16), pool_kv, False, cu, False, True, slots, 1e-6)
+    assert_close(o.float(), o_ref.float(), torch.bfloat16, "out")
+    assert_close(pool_kv.transpose(-1, -2), ref_pool, torch.bfloat16, "state rows updated in place")
+    # in the cache's own layout the kernel's state would be wrong: if this starts to pass,
+    # vLLM changed its layout and the layer's transposes must go
+    pool_vk = pool.clone()
+    kernel(q, k, v, g, beta.to(torch.bfloat16), pool_vk, False, cu, False, True, slots, 1e-6)
+    assert (pool_vk - ref_pool).abs().max() > 0.1
