@@ -17,7 +17,7 @@ inline void conv_block(const float (*w)[kCB], const float* bias, float* const* w
     fVec acc = fVec::loadu(bias + c);
     for (int64_t j = 0; j < W; ++j)
       acc = at::vec::fmadd(fVec::loadu(w[j] + c), fVec::loadu(win[j] + c), acc);
-    if (silu) acc = acc / (fVec(1.f) + acc.neg().exp());
+    if (silu) acc = acc / (fVec(1.f) + acc.neg().exp_u20());
     acc.store(out + c);
   }
 }
