@@ -34,6 +34,8 @@ def test_greedy_matches_transformers(tiny_model_dir, family, dtype, served_class
     for prompt, generated in zip(prompts, outputs):
         assert len(generated) == 32
         check = check_against_hf(model, prompt, generated)
+        print(f"{family} {dtype} prompt {len(prompt)} tokens: worst deficit "
+              f"{check.worst_deficit:.4f}, generate prefix {check.generate_prefix_match}/8")
         assert check.worst_deficit <= MARGIN[dtype], (
             f"{family} prompt of {len(prompt)} tokens: a chosen token is "
             f"{check.worst_deficit:.4f} logits below transformers' argmax")
