@@ -8,17 +8,6 @@ import os
 BACKEND_ENV = "VLLM_HYBRID_NEURON_BACKEND"
 BACKEND_CHOICES = ("auto", "cpu", "neuron")
 
-
-def backend_override() -> str:
-    """The requested backend, validated; "auto" when unset."""
-    value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if value not in BACKEND_CHOICES:
-        raise ValueError(
-            f"{BACKEND_ENV}={value!r} is not one of {', '.join(BACKEND_CHOICES)}"
-        )
-    return value
-
-
 #: Which kernel runs bf16 chunked gated-delta-rule prefills: "auto" (default: vLLM's own
 #: bf16 CPU kernel when the installed vLLM has it, as it is faster than the plugin's in
 #: bf16), "plugin" or "vllm". fp32 prefills always run on the plugin's kernel.
@@ -26,11 +15,20 @@ GDN_PREFILL_ENV = "VLLM_HYBRID_NEURON_GDN_PREFILL"
 GDN_PREFILL_CHOICES = ("auto", "plugin", "vllm")
 
 
+def _choice(name: str, choices: tuple[str, ...]) -> str:
+    """The value of environment variable ``name``, validated against ``choices`` (case and
+    surrounding blanks ignored); "auto" when unset or empty."""
+    value = os.environ.get(name, "auto").strip().lower() or "auto"
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def backend_override() -> str:
+    """The requested backend, validated; "auto" when unset."""
+    return _choice(BACKEND_ENV, BACKEND_CHOICES)
+
+
 def gdn_prefill_kernel() -> str:
     """The requested bf16 chunked GDN prefill kernel, validated; "auto" when unset."""
-    value = os.environ.get(GDN_PREFILL_ENV, "auto").strip().lower() or "auto"
-    if value not in GDN_PREFILL_CHOICES:
-        raise ValueError(
-            f"{GDN_PREFILL_ENV}={value!r} is not one of {', '.join(GDN_PREFILL_CHOICES)}"
-        )
-    return value
+    return _choice(GDN_PREFILL_ENV, GDN_PREFILL_CHOICES)
