@@ -56,7 +56,7 @@ def fresh_registration(monkeypatch):
     calls = []
     monkeypatch.setattr(registration, "_register_cpu_models", lambda: calls.append("cpu"))
     import vllm_hybrid_neuron.neuron.registration as neuron_reg
-    monkeypatch.setattr(neuron_reg, "register_neuron_models", lambda: calls.append("neuron"))
+    monkeypatch.setattr(neuron_reg, "register_neuron_models", lambda archs: calls.append("neuron"))
     return calls
 
 

@@ -32,6 +32,20 @@ ARCHITECTURES = tuple(CPU_MODELS)
 _state: dict[str, str | None] = {"backend": None}
 
 
+def is_neuron_platform(platform) -> bool:
+    """Whether vLLM's resolved platform is AWS Neuron.
+
+    Not ``device_type``: vllm-neuron's ``NeuronPlatform`` (the out-of-tree platform plugin, 0.2)
+    sets ``device_type = device_name = "cpu"``. It is recognised by its class's package, or by the
+    Neuron runtime's device-control variable; ``device_type == "neuron"`` covers vLLM's old
+    in-tree Neuron platform.
+    """
+    cls = type(platform)
+    return (cls.__module__.split(".")[0] == "vllm_neuron"
+            or getattr(platform, "device_control_env_var", None) == "NEURON_RT_VISIBLE_CORES"
+            or getattr(platform, "device_type", None) == "neuron")
+
+
 def resolve_backend() -> str:
     """"cpu" or "neuron": the env override if set, else the platform vLLM resolved."""
     requested = envs.backend_override()
@@ -39,7 +53,7 @@ def resolve_backend() -> str:
         return requested
     from vllm.platforms import current_platform
 
-    return "neuron" if current_platform.device_type == "neuron" else "cpu"
+    return "neuron" if is_neuron_platform(current_platform) else "cpu"
 
 
 def current_backend() -> str | None:
@@ -56,7 +70,7 @@ def register() -> None:
     if backend == "neuron":
         from vllm_hybrid_neuron.neuron.registration import register_neuron_models
 
-        register_neuron_models()
+        register_neuron_models(ARCHITECTURES)
     else:
         _register_cpu_models()
     _state["backend"] = backend

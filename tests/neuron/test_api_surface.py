@@ -130,7 +130,7 @@ ARCHS = ["GraniteMoeHybridForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3_5MoeForC
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_vllm_neuron_lookup_resolves_to_the_port(arch):
-    model_types = registration.register_neuron_models({"llama": {"causal-lm": object}})
+    model_types = registration.insert_ports({"llama": {"causal-lm": object}})
     model, task = registration.model_types_key(arch)
     expected = {"GraniteMoeHybrid": "granite", "Qwen3_5Moe": "qwen3_5", "Gemma4": "gemma4"}[arch.split("For")[0]]
     assert model_types[model][task] is app_cls(expected)

@@ -54,3 +54,17 @@ def test_padded_steps_leave_state_alone():
     torch.testing.assert_close(final, final_ref, rtol=1e-4, atol=1e-4)
     o_ref, _ = gated_delta_rule(q, k, v, g, beta, state)
     torch.testing.assert_close(o[:, :valid], o_ref[:, :valid], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("C", [1, 2, 16, 64])
+def test_unit_lower_inverse_by_forward_substitution(C):
+    """(I + A)^-1 without a triangular solve, against torch.linalg (used here only, as the oracle)."""
+    from vllm_hybrid_neuron.neuron.gdn import unit_lower_inverse
+
+    g = torch.Generator().manual_seed(C)
+    A = (torch.rand(2, 3, C, C, generator=g) - 0.5).tril(-1)  # |A_ij| <= 0.5, like beta*decay*k.k
+    T = unit_lower_inverse(A)
+    eye = torch.eye(C).expand(2, 3, C, C)
+    ref = torch.linalg.solve_triangular(eye + A, eye, upper=False, unitriangular=True)
+    torch.testing.assert_close(T, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((eye + A) @ T, eye, rtol=1e-5, atol=1e-5)

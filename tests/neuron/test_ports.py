@@ -90,34 +90,11 @@ def test_state_carried_into_decode_equals_one_prefill(checkpoint, family):
         torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def gemma4_conditional_checkpoint(checkpoint, tmp_path_factory):
-    """The tiny Gemma 4 text model saved as a Gemma4ForConditionalGeneration checkpoint (text_config
-    nested, weights under model.language_model.), plus a stray vision-tower tensor to be dropped."""
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoConfig, Gemma4Config, Gemma4ForConditionalGeneration
-
-    src = checkpoint("gemma4")
-    out = tmp_path_factory.mktemp("tiny-gemma4-cg")
-    config = Gemma4Config(text_config=AutoConfig.from_pretrained(src).to_dict(), vision_config=None,
-                          audio_config=None)
-    config.architectures = ["Gemma4ForConditionalGeneration"]
-    model = Gemma4ForConditionalGeneration(config)
-    text = {k.removeprefix("model."): v for k, v in load_file(f"{src}/model.safetensors").items()}
-    missing = model.model.language_model.load_state_dict(text, strict=False).missing_keys
-    assert missing == []
-    model.save_pretrained(str(out))
-    sd = load_file(f"{out}/model.safetensors")
-    sd["model.vision_tower.encoder.fake.weight"] = torch.ones(3, 3)
-    save_file(sd, f"{out}/model.safetensors", metadata={"format": "pt"})
-    return str(out)
-
-
 def test_gemma4_conditional_generation_checkpoint_serves_the_text_model(
         gemma4_conditional_checkpoint, hf_model):
     from vllm_hybrid_neuron.neuron import registration
 
-    r = CpuRunner(registration.register_neuron_models({})["gemma4"]["causal-lm"], gemma4_conditional_checkpoint)
+    r = CpuRunner(registration.insert_ports({})["gemma4"]["causal-lm"], gemma4_conditional_checkpoint)
     assert r.missing == [] and r.unexpected == []
     assert r.config.layer_head_dims == [32, 64, 32, 64] and r.config.layer_kv_heads == [2, 1, 2, 1]
     ids = prompt(45, seed=1)

@@ -37,16 +37,27 @@ def rms_norm_gated(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
 
 
 # --- per-slot state I/O ----------------------------------------------------------------------
+# Every state tensor has one spare row after the real slots (``HybridModelMixin.init_states``):
+# batch rows that belong to no sequence (seq_id < 0: NxDI's padding with apply_seq_ids_mask, or
+# a prefill row without a valid token) read and write that row, so they never touch a real slot.
+
+
+def slot_rows(seq_ids: torch.Tensor, rows_in_state: int) -> torch.Tensor:
+    """seq_ids (B,) -> row of each batch line in a state of ``rows_in_state`` rows (the spare
+    last row for seq_id < 0). int64 for index_select / index_copy, whatever NxDI feeds (int32)."""
+    spare = torch.full_like(seq_ids, rows_in_state - 1)
+    return torch.where(seq_ids >= 0, seq_ids, spare).long()
 
 
 def read_slots(state: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
-    """state: (slots, ...) -> the rows of this batch: (batch, ...)."""
-    return torch.index_select(state, 0, seq_ids.long())
+    """state: (slots + 1, ...) -> the rows of this batch: (batch, ...)."""
+    return torch.index_select(state, 0, slot_rows(seq_ids, state.shape[0]))
 
 
 def write_slots(state: torch.Tensor, seq_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """A new state tensor equal to ``state`` with rows ``seq_ids`` replaced (other slots untouched)."""
-    return state.index_copy(0, seq_ids.long(), rows.to(state.dtype))
+    """A new state tensor equal to ``state`` with rows ``seq_ids`` replaced; every other slot is
+    untouched, and rows with seq_id < 0 land in the spare row."""
+    return state.index_copy(0, slot_rows(seq_ids, state.shape[0]), rows.to(state.dtype))
 
 
 def last_valid_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -30,14 +30,31 @@ def gated_delta_rule(q, k, v, g, beta, state):
     return torch.stack(outs, 1), state
 
 
+def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """(I + A)^-1 for strictly lower triangular A: (..., C, C), by forward substitution.
+
+    Row i of T = (I + A)^-1 is e_i - sum_{j<i} A_ij T_j, so each row needs only the rows above
+    it: C - 1 small matmuls, no triangular solve. (neuronx-cc rejects XLA's TriangularSolve,
+    which ``torch.linalg.solve_triangular`` lowers to; this uses matmul, cat and slicing only.)
+    """
+    C = A.shape[-1]
+    eye = torch.eye(C, dtype=A.dtype, device=A.device).expand(A.shape)  # (..., C, C)
+    T = eye[..., :1, :]  # (..., 1, C): row 0 of T is e_0
+    for i in range(1, C):
+        row = eye[..., i:i + 1, :] - A[..., i:i + 1, :i] @ T  # (..., 1, C)
+        T = torch.cat([T, row], -2)  # (..., i + 1, C)
+    return T
+
+
 def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk: int = 64):
     """The same result, chunk by chunk (arguments and returns as ``gated_delta_rule``).
 
     Inside a chunk with cumulative decay G_i = g_1 + ... + g_i and S_0 the entering state,
     the per-token writes w_j = beta_j (v_j - exp(g_j) S_{j-1}^T k_j) satisfy the unit lower
     triangular system (I + A) W = beta V - (beta exp(G) K) S_0 with
-    A_ij = beta_i exp(G_i - G_j) k_i.k_j (j < i): one triangular solve per chunk gives
-    U = T beta V and Wk = T beta exp(G) K (T = (I + A)^-1, the UT transform), W = U - Wk S_0. Then
+    A_ij = beta_i exp(G_i - G_j) k_i.k_j (j < i). T = (I + A)^-1 (the UT transform, built by
+    forward substitution: ``unit_lower_inverse``) gives U = T beta V and Wk = T beta exp(G) K,
+    W = U - Wk S_0. Then
       o_i = exp(G_i) q_i S_0 + sum_{j<=i} exp(G_i - G_j) (q_i.k_j) w_j
       S_C = exp(G_C) S_0 + sum_j exp(G_C - G_j) k_j w_j^T.
     Every exponent is <= 0 (g <= 0), so nothing overflows. L is padded to a multiple of
@@ -57,9 +74,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk: int = 64):
     causal = torch.tril(torch.ones(chunk, chunk, dtype=torch.bool))  # j <= i
     decay = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")))  # (B, H, n, C, C)
     A = (beta[..., None] * decay * (k @ k.transpose(-1, -2))).tril(-1)  # (B, H, n, C, C), strictly lower
-    eye = torch.eye(chunk, dtype=A.dtype)
-    rhs = torch.cat([beta[..., None] * v, (beta * torch.exp(G))[..., None] * k], -1)  # (B, H, n, C, Dv+Dk)
-    U, Wk = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True).split([Dv, Dk], -1)
+    T = unit_lower_inverse(A)  # (B, H, n, C, C)
+    U = T @ (beta[..., None] * v)  # (B, H, n, C, Dv)
+    Wk = T @ ((beta * torch.exp(G))[..., None] * k)  # (B, H, n, C, Dk)
     qk = (q @ k.transpose(-1, -2)) * decay  # (B, H, n, C, C), zero above the diagonal
     q_decayed = torch.exp(G)[..., None] * q  # (B, H, n, C, Dk)
     k_to_end = torch.exp(G[..., -1:] - G)[..., None] * k  # (B, H, n, C, Dk)

@@ -31,6 +31,10 @@ def check_hybrid_neuron_config(config) -> None:
     bad = [what for what, on in unsupported.items() if on]
     if bad:
         raise ValueError(f"{type(config).__name__}: not supported by the hybrid ports: {'; '.join(bad)}")
+    # NxDI pads a partial batch with the slots *not* in it (model_wrapper._forward_with_pad);
+    # without the mask those rows would run a step on, and overwrite, live sequences' states.
+    # With it they carry seq_id -1, which the ports send to the spare state row.
+    nc.apply_seq_ids_mask = True
 
 
 def flatten_text_config(config) -> None:
@@ -65,11 +69,14 @@ class HybridModelMixin(nn.Module):
 
         per_layer[i]: (shape, dtype or None for the model dtype, kind) per state tensor of layer i;
         kind is "k"/"v" for KV caches (slots, Hkv, S, D), else a recurrent state's name.
+        Each tensor gets one spare row after the slots: padded batch rows write there
+        (``common.slot_rows``), so they never change a real sequence's state.
         """
         tensors, self.state_slices, self.state_kinds = [], [], []
         for shapes in per_layer:
             start = len(tensors)
             for shape, sdtype, kind in shapes:
+                shape = (shape[0] + 1, *shape[1:])  # slots + the spare row
                 tensors.append(nn.Parameter(torch.zeros(shape, dtype=sdtype or dtype), requires_grad=False))
                 self.state_kinds.append(kind)
             self.state_slices.append((start, len(tensors)))
@@ -86,6 +93,8 @@ class HybridModelMixin(nn.Module):
         seq_ids: (B,) state slots. Returns [logits (B, 1 or L, V) or tokens, *new states]."""
         is_prefill = input_ids.shape[1] > 1
         valid = attention_mask[:, :input_ids.shape[1]] if is_prefill else torch.ones_like(input_ids)
+        # A row without a valid token (a padded prefill line) belongs to no sequence: slot -1.
+        seq_ids = torch.where(valid.sum(-1) > 0, seq_ids, torch.full_like(seq_ids, -1))
         states = list(self.past_key_values)
         new_states: list[torch.Tensor] = []
         h = self.embed(input_ids)  # (B, L, D)
