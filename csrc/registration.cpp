@@ -49,4 +49,7 @@ TORCH_LIBRARY(vllm_hybrid_neuron, m) {
       "gdn_chunk(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, "
       "Tensor(a!) state, Tensor cu_seqlens, Tensor? state_indices, bool use_qk_l2norm, "
       "int chunk_size, Tensor(b!) out) -> ()");
+  // out (..., N) = x (..., K) @ weight (N, K)^T + bias; bf16 weight streamed once when
+  // M = x.numel() / K <= 8 (decode), at::linear otherwise. Functional (returns out).
+  m.def("linear_small_m(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }

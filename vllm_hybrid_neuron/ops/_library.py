@@ -1,7 +1,8 @@
 """Load the compiled ``vllm_hybrid_neuron._C`` ops and register their fake (meta) kernels.
 
-All ops return nothing and write into their ``Tensor(a!)`` arguments, so each fake kernel
-only has to exist (and check nothing): torch.compile can then trace through them.
+All ops but ``linear_small_m`` return nothing and write into their ``Tensor(a!)`` arguments,
+so each fake kernel only has to exist (and check nothing); ``linear_small_m``'s fake gives
+its output's shape. torch.compile can then trace through them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def _fake(*args, **kwargs) -> None:
 if HAS_C:
     for _name in _OPS:
         torch.library.register_fake(f"vllm_hybrid_neuron::{_name}")(_fake)
+
+    @torch.library.register_fake("vllm_hybrid_neuron::linear_small_m")
+    def _linear_small_m_fake(x, weight, bias):  # the one functional op: (..., K) -> (..., N)
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def require_c() -> None:

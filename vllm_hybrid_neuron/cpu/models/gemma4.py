@@ -5,10 +5,20 @@ from vllm.model_executor.models.gemma4_mm import (
     Gemma4ForConditionalGeneration as _VllmGemma4ForConditionalGeneration,
 )
 
+from vllm_hybrid_neuron.cpu.layers.small_m_linear import use_small_m_linear
+
 
 class Gemma4ForCausalLM(_VllmGemma4ForCausalLM):
-    """vLLM's Gemma 4 text model, served by the plugin's CPU backend."""
+    """vLLM's Gemma 4 text model; bf16 projections on the plugin's small-M linear."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        use_small_m_linear(self)
 
 
 class Gemma4ForConditionalGeneration(_VllmGemma4ForConditionalGeneration):
     """vLLM's Gemma 4 multimodal model (used text-only), served by the plugin."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        use_small_m_linear(self)

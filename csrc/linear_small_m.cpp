@@ -1,0 +1,96 @@
+// Decode-sized dense projection: out (M, N) = x (M, K) @ weight (N, K)^T + bias, M <= 8,
+// bf16 weights read from memory once per call, fp32 accumulation.
+//
+// Why: on CPUs without AVX512-BF16 vLLM's oneDNN bf16 matmul cannot be created and vLLM falls
+// back to torch's linear, whose bf16 path re-reads the weight once per row at small M
+// (benchmarks/bench_linear.py: 18% of the read-bandwidth floor at M = 4). Here each thread
+// streams its own contiguous block of weight rows; for every vector of a row all M input rows
+// are multiplied (fp32 FMA, x converted to fp32 once), NB rows at a time so each loaded x
+// vector serves NB weight rows. Larger M (prefill) or fp32 weights go to at::linear.
+#include "common.h"
+
+#include <tuple>
+
+namespace vhn {
+namespace {
+
+constexpr int64_t kMaxM = 8;
+using bVec = at::vec::Vectorized<BFloat16>;
+
+template <int M, int NB>
+void rows_block(const float* x, int64_t K, const BFloat16* w, int64_t n0, const float* bias,
+                BFloat16* out, int64_t N) {
+  constexpr int64_t kB = bVec::size();  // bf16 lanes per load = 2 fp32 vectors
+  fVec acc[NB][M];
+  for (int nb = 0; nb < NB; ++nb)
+    for (int m = 0; m < M; ++m) acc[nb][m] = fVec(0.f);
+  int64_t k = 0;
+  for (; k + kB <= K; k += kB) {
+    fVec w0[NB], w1[NB];  // this k-slice of NB weight rows, converted to fp32
+    for (int nb = 0; nb < NB; ++nb)
+      std::tie(w0[nb], w1[nb]) = at::vec::convert_to_float<BFloat16>(bVec::loadu(w + (n0 + nb) * K + k));
+    for (int m = 0; m < M; ++m) {  // each x vector loaded once, used by NB rows
+      const fVec x0 = fVec::loadu(x + m * K + k), x1 = fVec::loadu(x + m * K + k + kVecF);
+      for (int nb = 0; nb < NB; ++nb)
+        acc[nb][m] = at::vec::fmadd(x1, w1[nb], at::vec::fmadd(x0, w0[nb], acc[nb][m]));
+    }
+  }
+  for (int nb = 0; nb < NB; ++nb) {
+    const int64_t n = n0 + nb;
+    const BFloat16* wr = w + n * K;
+    for (int m = 0; m < M; ++m) {
+      float s = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc[nb][m]);
+      for (int64_t kk = k; kk < K; ++kk) s += x[m * K + kk] * static_cast<float>(wr[kk]);
+      if (bias) s += bias[n];
+      out[m * N + n] = BFloat16(s);
+    }
+  }
+}
+
+template <int M>
+void gemv_rows(const float* x, int64_t K, const BFloat16* w, int64_t N, const float* bias,
+               BFloat16* out) {
+  // Rows per block: NB*M accumulators + 2*NB weight vectors + 2 x vectors fit 16 AVX2 registers.
+  constexpr int NB = M == 1 ? 4 : (M == 2 ? 3 : (M <= 4 ? 2 : 1));
+  const int64_t blocks = N / NB;
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) rows_block<M, NB>(x, K, w, b * NB, bias, out, N);
+  });
+  for (int64_t n = blocks * NB; n < N; ++n) rows_block<M, 1>(x, K, w, n, bias, out, N);
+}
+
+using GemvFn = void (*)(const float*, int64_t, const BFloat16*, int64_t, const float*, BFloat16*);
+constexpr GemvFn kGemv[kMaxM + 1] = {nullptr, gemv_rows<1>, gemv_rows<2>, gemv_rows<3>,
+                                     gemv_rows<4>, gemv_rows<5>, gemv_rows<6>, gemv_rows<7>,
+                                     gemv_rows<8>};
+
+at::Tensor linear_small_m(const at::Tensor& x, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2 && x.size(-1) == weight.size(1),
+              "linear_small_m: x (..., K) and weight (N, K) expected");
+  const int64_t K = weight.size(1), N = weight.size(0);
+  const int64_t M = x.numel() / K;
+  const bool fast = M >= 1 && M <= kMaxM && x.scalar_type() == at::kBFloat16 &&
+                    weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
+                    K >= bVec::size();
+  if (!fast) return at::linear(x, weight, bias);
+  at::NoGradGuard no_grad;
+  const at::Tensor x32 = x.reshape({M, K}).to(at::kFloat).contiguous();  // (M, K) fp32
+  at::Tensor b32;
+  if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor out = at::empty(sizes, x.options());  // (..., N)
+  kGemv[M](x32.const_data_ptr<float>(), K, weight.const_data_ptr<BFloat16>(), N,
+           bias.has_value() ? b32.const_data_ptr<float>() : nullptr,
+           out.data_ptr<BFloat16>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vllm_hybrid_neuron, CPU, m) {
+  m.impl("linear_small_m", &linear_small_m);
+}
+
+}  // namespace vhn
