@@ -1,4 +1,4 @@
-"""Decode-sized dense projections: vLLM's CPU path and the plugin's linear_small_m against the
+"""Decode-sized dense projections: vLLM's CPU path and the plugin's bf16_linear against the
 read-bandwidth floor.
 
 vLLM 0.32 runs every unquantized CPU linear layer through ``dispatch_cpu_unquantized_gemm``:
@@ -8,7 +8,7 @@ a projection should cost its weight bytes / read bandwidth. This measures, per s
 bench_serve checkpoints (granite-4.0-h-tiny and qwen3.5-35b-a3b widths, bf16), the time of
 vLLM's kernel and of ``torch.nn.functional.linear``, with enough weight copies cycled that the
 caches cannot hold them, as a fraction of that floor, and the same for the plugin's
-``linear_small_m`` (weights streamed once per call for M <= 8).
+``bf16_linear`` (weights streamed once per call for M <= 8).
 
     .venv/bin/python benchmarks/bench_linear.py [--threads 2] [--out benchmarks/results/linear]
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import roofline
-from vllm_hybrid_neuron.ops import linear_small_m
+from vllm_hybrid_neuron.ops import bf16_linear
 
 # (name, N out, K in) at the two checkpoints' real widths.
 SHAPES = {
@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--prefill-m", type=int, default=1024,
+                    help="one prefill-sized M (GFLOP/s; LM heads skipped: vLLM computes logits "
+                         "for sampled rows only); 0 to skip")
     ap.add_argument("--out", default="benchmarks/results/linear")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -80,16 +83,20 @@ def main() -> None:
             copies = max(2, -(-CACHE_BYTES // nbytes))
             weights = [torch.randn(n, k, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
             kernels = {"vllm": [vllm_linear(w) for w in weights],
-                       "plugin": [lambda x, w=w: linear_small_m(x, w) for w in weights]}
-            for m in args.m:
+                       "plugin": [lambda x, w=w: bf16_linear(x, w) for w in weights]}
+            sizes = list(args.m) + ([args.prefill_m] if args.prefill_m and name != "lm_head" else [])
+            for m in sizes:
+                if m > 8:  # compute-bound: one weight copy, fewer repetitions
+                    kernels = {p: fns[:1] for p, fns in kernels.items()}
                 x = torch.randn(m, k, dtype=torch.bfloat16)
                 floor_ms = nbytes / (bw * 1e9) * 1e3
                 row = {"family": family, "layer": name, "N": n, "K": k, "M": m,
                        "floor_ms": round(floor_ms, 4)}
                 for path, fns in kernels.items():
-                    ms = time_calls(fns, x, args.reps) * 1e3
+                    ms = time_calls(fns, x, args.reps if m <= 8 else 3) * 1e3
                     row[f"{path}_ms"] = round(ms, 4)
                     row[f"{path}_of_floor"] = round(floor_ms / ms, 3)
+                    row[f"{path}_gflops"] = round(2 * m * n * k / ms / 1e6, 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del weights, kernels
@@ -97,12 +104,14 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
         {"read_bandwidth_gbs": round(bw, 1), "threads": args.threads, "rows": rows}, indent=1))
-    lines = [f"read bandwidth {bw:.1f} GB/s, {args.threads} threads, bf16; fraction = floor / measured",
-             "", "| family | layer | N x K | M | floor ms | vLLM ms | vLLM of floor | plugin ms | plugin of floor | plugin speed-up |",
+    lines = [f"read bandwidth {bw:.1f} GB/s, {args.threads} threads, bf16; fraction = floor / measured "
+             "(weight bytes / bandwidth over time; meaningful at decode sizes, GFLOP/s at prefill sizes)",
+             "", "| family | layer | N x K | M | floor ms | vLLM ms | vLLM of floor (GFLOP/s) | plugin ms | plugin of floor (GFLOP/s) | plugin speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['family']} | {r['layer']} | {r['N']} x {r['K']} | {r['M']} | {r['floor_ms']:.3f} | "
-                     f"{r['vllm_ms']:.3f} | {r['vllm_of_floor']:.0%} | {r['plugin_ms']:.3f} | {r['plugin_of_floor']:.0%} | "
+                     f"{r['vllm_ms']:.3f} | {r['vllm_of_floor']:.0%} ({r['vllm_gflops']:.0f}) | {r['plugin_ms']:.3f} | "
+                     f"{r['plugin_of_floor']:.0%} ({r['plugin_gflops']:.0f}) | "
                      f"{r['vllm_ms'] / r['plugin_ms']:.2f}x |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

@@ -51,5 +51,5 @@ TORCH_LIBRARY(vllm_hybrid_neuron, m) {
       "int chunk_size, Tensor(b!) out) -> ()");
   // out (..., N) = x (..., K) @ weight (N, K)^T + bias; bf16 weight streamed once when
   // M = x.numel() / K <= 8 (decode), at::linear otherwise. Functional (returns out).
-  m.def("linear_small_m(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }

@@ -15,7 +15,7 @@ from vllm_hybrid_neuron.ops.gated_delta_rule import (
     fused_sigmoid_gating_delta_rule_update_ref,
     sigmoid_gating,
 )
-from vllm_hybrid_neuron.ops.linear import linear_small_m, linear_small_m_ref
+from vllm_hybrid_neuron.ops.bf16_linear import bf16_linear, bf16_linear_ref
 from vllm_hybrid_neuron.ops.mamba2_decode import mamba2_decode, mamba2_decode_ref
 from vllm_hybrid_neuron.ops.selective_state_update import (
     selective_state_update,
@@ -33,5 +33,5 @@ __all__ = [
     "chunk_gated_delta_rule", "chunk_gated_delta_rule_ref",
     "fused_recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule_ref",
     "fused_sigmoid_gating_delta_rule_update", "fused_sigmoid_gating_delta_rule_update_ref",
-    "sigmoid_gating", "linear_small_m", "linear_small_m_ref",
+    "sigmoid_gating", "bf16_linear", "bf16_linear_ref",
 ]

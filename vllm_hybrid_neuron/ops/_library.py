@@ -1,7 +1,7 @@
 """Load the compiled ``vllm_hybrid_neuron._C`` ops and register their fake (meta) kernels.
 
-All ops but ``linear_small_m`` return nothing and write into their ``Tensor(a!)`` arguments,
-so each fake kernel only has to exist (and check nothing); ``linear_small_m``'s fake gives
+All ops but ``bf16_linear`` return nothing and write into their ``Tensor(a!)`` arguments,
+so each fake kernel only has to exist (and check nothing); ``bf16_linear``'s fake gives
 its output's shape. torch.compile can then trace through them.
 """
 
@@ -37,8 +37,8 @@ if HAS_C:
     for _name in _OPS:
         torch.library.register_fake(f"vllm_hybrid_neuron::{_name}")(_fake)
 
-    @torch.library.register_fake("vllm_hybrid_neuron::linear_small_m")
-    def _linear_small_m_fake(x, weight, bias):  # the one functional op: (..., K) -> (..., N)
+    @torch.library.register_fake("vllm_hybrid_neuron::bf16_linear")
+    def _bf16_linear_fake(x, weight, bias):  # the one functional op: (..., K) -> (..., N)
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

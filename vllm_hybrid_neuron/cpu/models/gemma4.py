@@ -5,7 +5,7 @@ from vllm.model_executor.models.gemma4_mm import (
     Gemma4ForConditionalGeneration as _VllmGemma4ForConditionalGeneration,
 )
 
-from vllm_hybrid_neuron.cpu.layers.small_m_linear import use_small_m_linear
+from vllm_hybrid_neuron.cpu.layers.bf16_linear_layers import use_bf16_linear
 
 
 class Gemma4ForCausalLM(_VllmGemma4ForCausalLM):
@@ -13,7 +13,7 @@ class Gemma4ForCausalLM(_VllmGemma4ForCausalLM):
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        use_small_m_linear(self)
+        use_bf16_linear(self)
 
 
 class Gemma4ForConditionalGeneration(_VllmGemma4ForConditionalGeneration):
@@ -21,4 +21,4 @@ class Gemma4ForConditionalGeneration(_VllmGemma4ForConditionalGeneration):
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        use_small_m_linear(self)
+        use_bf16_linear(self)

@@ -8,7 +8,7 @@ from vllm.model_executor.models.granitemoehybrid import (
 from vllm_hybrid_neuron.cpu.layers.full_width_gated_norm import use_full_width_gated_norm
 from vllm_hybrid_neuron.cpu.layers.mamba2_mixer import PluginMambaMixer2
 from vllm_hybrid_neuron.cpu.layers.routing import require, swap_layer_class
-from vllm_hybrid_neuron.cpu.layers.small_m_linear import use_small_m_linear
+from vllm_hybrid_neuron.cpu.layers.bf16_linear_layers import use_bf16_linear
 
 
 class GraniteMoeHybridForCausalLM(_VllmGraniteMoeHybridForCausalLM):
@@ -28,4 +28,4 @@ class GraniteMoeHybridForCausalLM(_VllmGraniteMoeHybridForCausalLM):
             require(not mixer.use_replayssm, "mamba backend",
                     "the ReplaySSM state cache is not supported on the CPU backend")
         swap_layer_class(self, MambaMixer2, PluginMambaMixer2)
-        use_small_m_linear(self)
+        use_bf16_linear(self)

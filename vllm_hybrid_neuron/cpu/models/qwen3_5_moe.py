@@ -12,7 +12,7 @@ from vllm.model_executor.models.qwen3_5 import (
 
 from vllm_hybrid_neuron.cpu.layers.gated_deltanet import PluginGatedDeltaNet
 from vllm_hybrid_neuron.cpu.layers.routing import require, swap_layer_class
-from vllm_hybrid_neuron.cpu.layers.small_m_linear import use_small_m_linear
+from vllm_hybrid_neuron.cpu.layers.bf16_linear_layers import use_bf16_linear
 
 # Key head dims the C++ gated-delta-rule kernels take.
 SUPPORTED_HEAD_DIMS = range(16, 257)
@@ -45,7 +45,7 @@ class Qwen3_5MoeForCausalLM(_VllmQwen3_5MoeForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         route_gated_deltanet(self, vllm_config)
-        use_small_m_linear(self)
+        use_bf16_linear(self)
 
 
 class Qwen3_5MoeForConditionalGeneration(_VllmQwen3_5MoeForConditionalGeneration):
@@ -54,4 +54,4 @@ class Qwen3_5MoeForConditionalGeneration(_VllmQwen3_5MoeForConditionalGeneration
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         route_gated_deltanet(self, vllm_config)
-        use_small_m_linear(self)
+        use_bf16_linear(self)

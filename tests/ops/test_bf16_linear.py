@@ -1,5 +1,6 @@
-"""linear_small_m against its reference: M at and around the streaming limit, awkward K / N,
-bias on and off, 3-D inputs, fp32 and the at::linear fallback, opcheck."""
+"""bf16_linear against its reference: M in each regime (streamed once, streamed per 8 rows,
+blocked fp32 GEMM) and at their edges, awkward K / N, bias on and off, 3-D inputs, fp32
+weights (at::linear), opcheck."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ import pytest
 import torch
 
 from _helpers import assert_close
-from vllm_hybrid_neuron.ops import linear_small_m, linear_small_m_ref
-from vllm_hybrid_neuron.ops.linear import MAX_ROWS
+from vllm_hybrid_neuron.ops import bf16_linear, bf16_linear_ref
 
 
 def _inputs(M, N, K, dtype, bias, seed=0):
@@ -19,34 +19,34 @@ def _inputs(M, N, K, dtype, bias, seed=0):
     return x, w, b
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 9, 33])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 9, 17, 24, 25, 70])
 @pytest.mark.parametrize("N,K", [(1, 16), (7, 40), (129, 1536), (1536, 3072), (64, 17)],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_bf16_against_reference(M, N, K, bias):
     x, w, b = _inputs(M, N, K, torch.bfloat16, bias, seed=M * 31 + N)
-    got = linear_small_m(x, w, b)
+    got = bf16_linear(x, w, b)
     assert got.dtype == torch.bfloat16 and got.shape == (M, N)
-    ref = linear_small_m_ref(x, w, b)
+    ref = bf16_linear_ref(x, w, b)
     # fp32 accumulation in both; one bf16 rounding of the result apart at most.
     assert_close(got, ref, torch.bfloat16, name=f"M{M} N{N} K{K}")
-    if M <= MAX_ROWS:  # the streamed kernel: one rounding (half a bf16 ulp) from the fp32 result
-        exact = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
-        torch.testing.assert_close(got.float(), exact, atol=1e-3, rtol=2 ** -8)
+    # Every regime accumulates in fp32 and rounds once (half a bf16 ulp) from the fp32 result.
+    exact = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    torch.testing.assert_close(got.float(), exact, atol=1e-3, rtol=2 ** -8)
 
 
 @pytest.mark.parametrize("M", [1, 4, 8, 16])
-def test_fp32_falls_back_to_linear(M):
+def test_fp32_weights_use_at_linear(M):
     x, w, b = _inputs(M, 96, 80, torch.float32, True)
-    assert_close(linear_small_m(x, w, b), linear_small_m_ref(x, w, b), torch.float32)
+    assert_close(bf16_linear(x, w, b), bf16_linear_ref(x, w, b), torch.float32)
 
 
 def test_leading_dims_and_empty_batch():
     x, w, b = _inputs(6, 48, 64, torch.bfloat16, True)
-    got = linear_small_m(x.view(2, 3, 64), w, b)
+    got = bf16_linear(x.view(2, 3, 64), w, b)
     assert got.shape == (2, 3, 48)
-    assert_close(got.view(6, 48), linear_small_m_ref(x, w, b), torch.bfloat16)
-    assert linear_small_m(x[:0], w, b).shape == (0, 48)
+    assert_close(got.view(6, 48), bf16_linear_ref(x, w, b), torch.bfloat16)
+    assert bf16_linear(x[:0], w, b).shape == (0, 48)
 
 
 def test_each_weight_row_is_used():
@@ -58,10 +58,17 @@ def test_each_weight_row_is_used():
     x = torch.arange(1, K + 1, dtype=torch.bfloat16)[None].repeat(3, 1)
     expected = torch.tensor([(n + 1) * ((5 * n) % K + 1) for n in range(N)], dtype=torch.float32)
     expected = expected.to(torch.bfloat16).float()  # the exact sums, rounded once to bf16
-    torch.testing.assert_close(linear_small_m(x, w).float(), expected.expand(3, N), atol=0, rtol=0)
+    torch.testing.assert_close(bf16_linear(x, w).float(), expected.expand(3, N), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("M", [1, 8, 12])
+@pytest.mark.parametrize("M", [1, 8, 12, 40])
 def test_opcheck(M):
     x, w, b = _inputs(M, 40, 64, torch.bfloat16, True)
-    torch.library.opcheck(torch.ops.vllm_hybrid_neuron.linear_small_m, (x, w, b))
+    torch.library.opcheck(torch.ops.vllm_hybrid_neuron.bf16_linear, (x, w, b))
+
+
+def test_blocked_gemm_crosses_weight_blocks():
+    """Prefill sizes convert the weight 512 rows at a time when K = 4096: 3 blocks here."""
+    x, w, b = _inputs(30, 1100, 4096, torch.bfloat16, True, seed=5)
+    exact = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    torch.testing.assert_close(bf16_linear(x, w, b).float(), exact, atol=1e-3, rtol=2 ** -8)

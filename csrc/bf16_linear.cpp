@@ -1,0 +1,127 @@
+// bf16 linear for CPUs where oneDNN has no bf16 matmul: out (..., N) = x (..., K) @ weight^T + b.
+//
+// Why: without AVX512-BF16 vLLM's oneDNN bf16 matmul cannot be created and vLLM falls back to
+// torch's linear, whose bf16 path is slow at every size on such CPUs (benchmarks/bench_linear.py:
+// at M = 4 rows it re-reads the weight per row, 19% of the read-bandwidth floor; at M = 1024
+// it runs at ~7 GFLOP/s). Three regimes, all with fp32 accumulation:
+//  - M <= 8 (decode): each thread streams its own contiguous block of weight rows once; for
+//    every vector of a row all M input rows are multiplied (x converted to fp32 once), NB rows
+//    at a time so each loaded x vector serves NB weight rows;
+//  - 8 < M <= kStreamRows: the same kernel over groups of 8 input rows;
+//  - larger M (prefill): blocks of weight rows converted to fp32 and multiplied with fp32 GEMM
+//    (at::mm), so no full fp32 copy of the weight is ever held.
+// fp32 (or other) weights go to at::linear.
+#include "common.h"
+
+#include <tuple>
+
+namespace vhn {
+namespace {
+
+constexpr int64_t kMaxM = 8;
+using bVec = at::vec::Vectorized<BFloat16>;
+
+template <int M, int NB>
+void rows_block(const float* x, int64_t K, const BFloat16* w, int64_t n0, const float* bias,
+                BFloat16* out, int64_t N) {
+  constexpr int64_t kB = bVec::size();  // bf16 lanes per load = 2 fp32 vectors
+  fVec acc[NB][M];
+  for (int nb = 0; nb < NB; ++nb)
+    for (int m = 0; m < M; ++m) acc[nb][m] = fVec(0.f);
+  int64_t k = 0;
+  for (; k + kB <= K; k += kB) {
+    fVec w0[NB], w1[NB];  // this k-slice of NB weight rows, converted to fp32
+    for (int nb = 0; nb < NB; ++nb)
+      std::tie(w0[nb], w1[nb]) = at::vec::convert_to_float<BFloat16>(bVec::loadu(w + (n0 + nb) * K + k));
+    for (int m = 0; m < M; ++m) {  // each x vector loaded once, used by NB rows
+      const fVec x0 = fVec::loadu(x + m * K + k), x1 = fVec::loadu(x + m * K + k + kVecF);
+      for (int nb = 0; nb < NB; ++nb)
+        acc[nb][m] = at::vec::fmadd(x1, w1[nb], at::vec::fmadd(x0, w0[nb], acc[nb][m]));
+    }
+  }
+  for (int nb = 0; nb < NB; ++nb) {
+    const int64_t n = n0 + nb;
+    const BFloat16* wr = w + n * K;
+    for (int m = 0; m < M; ++m) {
+      float s = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc[nb][m]);
+      for (int64_t kk = k; kk < K; ++kk) s += x[m * K + kk] * static_cast<float>(wr[kk]);
+      if (bias) s += bias[n];
+      out[m * N + n] = BFloat16(s);
+    }
+  }
+}
+
+template <int M>
+void gemv_rows(const float* x, int64_t K, const BFloat16* w, int64_t N, const float* bias,
+               BFloat16* out) {
+  // Rows per block: NB*M accumulators + 2*NB weight vectors + 2 x vectors fit 16 AVX2 registers.
+  constexpr int NB = M == 1 ? 4 : (M == 2 ? 3 : (M <= 4 ? 2 : 1));
+  const int64_t blocks = N / NB;
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) rows_block<M, NB>(x, K, w, b * NB, bias, out, N);
+  });
+  for (int64_t n = blocks * NB; n < N; ++n) rows_block<M, 1>(x, K, w, n, bias, out, N);
+}
+
+using GemvFn = void (*)(const float*, int64_t, const BFloat16*, int64_t, const float*, BFloat16*);
+constexpr GemvFn kGemv[kMaxM + 1] = {nullptr, gemv_rows<1>, gemv_rows<2>, gemv_rows<3>,
+                                     gemv_rows<4>, gemv_rows<5>, gemv_rows<6>, gemv_rows<7>,
+                                     gemv_rows<8>};
+
+constexpr int64_t kStreamRows = 24;   // above this, blocked fp32 GEMM
+constexpr int64_t kGemmBlockBytes = 8 << 20;  // fp32 bytes of one converted weight block
+
+// out[:, n] for rows of x in groups of at most kMaxM, streaming the weight once per group.
+void streamed(const at::Tensor& x32, const at::Tensor& weight, const float* bias, at::Tensor& out) {
+  const int64_t M = x32.size(0), K = x32.size(1), N = weight.size(0);
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
+    const int64_t rows = std::min(kMaxM, M - m0);
+    kGemv[rows](x32.const_data_ptr<float>() + m0 * K, K, weight.const_data_ptr<BFloat16>(), N,
+                bias, out.data_ptr<BFloat16>() + m0 * N);
+  }
+}
+
+// out = x32 @ weight^T (+ bias) with weight-row blocks converted to fp32 one at a time.
+void blocked_fp32_gemm(const at::Tensor& x32, const at::Tensor& weight, const at::Tensor& b32,
+                       at::Tensor& out) {
+  const int64_t K = weight.size(1), N = weight.size(0);
+  const int64_t block = std::max<int64_t>(64, kGemmBlockBytes / (4 * K));
+  for (int64_t n0 = 0; n0 < N; n0 += block) {
+    const int64_t nb = std::min(block, N - n0);
+    const at::Tensor w32 = weight.narrow(0, n0, nb).to(at::kFloat);  // (nb, K)
+    at::Tensor part = b32.defined() ? at::addmm(b32.narrow(0, n0, nb), x32, w32.t())
+                                    : at::mm(x32, w32.t());  // (M, nb) fp32
+    out.narrow(1, n0, nb).copy_(part);
+  }
+}
+
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2 && x.size(-1) == weight.size(1),
+              "bf16_linear: x (..., K) and weight (N, K) expected");
+  const int64_t K = weight.size(1), N = weight.size(0);
+  const int64_t M = x.numel() / K;
+  if (x.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16 || M == 0)
+    return at::linear(x, weight, bias);
+  at::NoGradGuard no_grad;
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor x32 = x.reshape({M, K}).to(at::kFloat).contiguous();  // (M, K) fp32
+  at::Tensor b32;
+  if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M <= kStreamRows && K >= bVec::size())
+    streamed(x32, w, b32.defined() ? b32.const_data_ptr<float>() : nullptr, out);
+  else
+    blocked_fp32_gemm(x32, w, b32, out);
+  return out.view(sizes);  // (..., N)
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vllm_hybrid_neuron, CPU, m) {
+  m.impl("bf16_linear", &bf16_linear);
+}
+
+}  // namespace vhn

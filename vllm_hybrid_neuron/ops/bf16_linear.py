@@ -1,0 +1,33 @@
+"""Linear layer for bf16 weights on CPUs where oneDNN has no bf16 matmul: out = x @ weight^T + b.
+
+vLLM's CPU linear layers call oneDNN; where oneDNN cannot build a bf16 matmul (CPUs without
+AVX512-BF16) vLLM falls back to torch's linear, whose bf16 path is slow at every batch size
+there (it re-reads the weight per row at decode sizes; ~7 GFLOP/s at prefill sizes).
+``bf16_linear`` streams the weight once per 8 rows at decode sizes and uses fp32 GEMM on
+weight blocks converted on the fly at prefill sizes (``csrc/bf16_linear.cpp``); other dtypes
+go to ``at::linear``. fp32 accumulation throughout, one rounding of the result.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from vllm_hybrid_neuron.ops._library import ops, require_c
+
+STREAM_ROWS = 24  # up to this many rows the C++ op streams the weight (8 rows per pass)
+
+
+def bf16_linear_ref(x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference. x: (..., K); weight: (N, K); bias: (N,) or None. Returns (..., N) in x's
+    dtype, computed in fp32."""
+    b = None if bias is None else bias.float()
+    return F.linear(x.float(), weight.float(), b).to(x.dtype)
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Same arguments and result as ``bf16_linear_ref`` (one C++ op)."""
+    require_c()
+    return ops.bf16_linear(x, weight, bias)
