@@ -104,3 +104,14 @@ def check_against_hf(model, prompt: list[int], generated: list[int],
     if match < len(ref):  # same context up to here, so the teacher-forced row applies
         gap = float(rows[match, ref[match]] - rows[match, generated[match]])
     return HFCheck(deficit, len(generated), match, gap)
+
+
+@torch.no_grad()
+def hf_logprobs(model, prompt: list[int], generated: list[int]) -> tuple[list[float], list[int]]:
+    """transformers fp32, teacher-forced on ``prompt + generated``: the log-probability of each
+    generated token, and transformers' argmax at each of those positions."""
+    full = torch.tensor([prompt + generated])
+    logits = model(full).logits[0].float()  # (seq, vocab)
+    rows = torch.log_softmax(logits[len(prompt) - 1: len(prompt) - 1 + len(generated)], -1)
+    chosen = rows.gather(1, torch.tensor(generated)[:, None])[:, 0]
+    return chosen.tolist(), rows.argmax(-1).tolist()

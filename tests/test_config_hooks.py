@@ -1,4 +1,4 @@
-"""The plugin's one hook into vLLM internals (cpu/config_hooks.py), pinned."""
+"""The config hook (vllm_hybrid_neuron/cpu/config_hooks.py, chained by config_hook.py), pinned."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-architecture config hook: the one place the plugin touches vLLM internals.
+"""The CPU backend's per-architecture config hook (chained by ``config_hook.install``).
 
 vLLM 0.32 applies ``MODELS_CONFIG_MAP[arch].verify_and_update_config(vllm_config)``
 while it builds the engine config (``VllmConfig.try_verify_and_update_config``),
@@ -24,31 +24,10 @@ logger = logging.getLogger("vllm.hybrid_neuron")
 
 
 def install(architectures) -> None:
-    """Chain the plugin's hook in front of vLLM's for each architecture (idempotent)."""
-    from vllm.model_executor.models import config as vllm_model_config
+    """Chain the CPU backend's check in front of vLLM's hook for each architecture (idempotent)."""
+    from vllm_hybrid_neuron import config_hook
 
-    config_map = vllm_model_config.MODELS_CONFIG_MAP
-    for arch in architectures:
-        previous = config_map.get(arch)
-        if getattr(previous, "_vllm_hybrid_neuron_hook", False):
-            continue
-        config_map[arch] = _hook_class(previous)
-
-
-def _hook_class(previous):
-    from vllm.model_executor.models.config import VerifyAndUpdateConfig
-
-    class HybridCpuConfigHook(VerifyAndUpdateConfig):
-        _vllm_hybrid_neuron_hook = True
-        wrapped = previous
-
-        @classmethod
-        def verify_and_update_config(cls, vllm_config) -> None:
-            if cls.wrapped is not None:
-                cls.wrapped.verify_and_update_config(vllm_config)
-            disable_prefix_caching_under_speculation(vllm_config)
-
-    return HybridCpuConfigHook
+    config_hook.install(architectures, disable_prefix_caching_under_speculation)
 
 
 def disable_prefix_caching_under_speculation(vllm_config) -> bool:

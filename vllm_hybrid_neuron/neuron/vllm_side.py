@@ -60,26 +60,9 @@ def register_architectures(architectures) -> None:
 
 def install_config_hook(architectures) -> None:
     """Chain ``check_neuron_engine_config`` in front of vLLM's hook for each architecture."""
-    from vllm.model_executor.models import config as vllm_model_config
-    from vllm.model_executor.models.config import VerifyAndUpdateConfig
+    from vllm_hybrid_neuron import config_hook
 
-    config_map = vllm_model_config.MODELS_CONFIG_MAP
-    for arch in architectures:
-        previous = config_map.get(arch)
-        if getattr(previous, "_vllm_hybrid_neuron_hook", False):
-            continue
-
-        class NeuronConfigHook(VerifyAndUpdateConfig):
-            _vllm_hybrid_neuron_hook = True
-            wrapped = previous
-
-            @classmethod
-            def verify_and_update_config(cls, vllm_config) -> None:
-                if cls.wrapped is not None:
-                    cls.wrapped.verify_and_update_config(vllm_config)
-                check_neuron_engine_config(vllm_config)
-
-        config_map[arch] = NeuronConfigHook
+    config_hook.install(architectures, check_neuron_engine_config)
 
 
 def check_neuron_engine_config(vllm_config) -> None:

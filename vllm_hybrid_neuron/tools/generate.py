@@ -3,10 +3,11 @@
     python -m vllm_hybrid_neuron.tools.generate REQUEST.json [RESULT.json]
 
 REQUEST: {"model": DIR, "dtype": "float32", "prompts": [[ids...], ...],
-          "max_tokens": 32, "llm_kwargs": {...}, "rounds": 1,
+          "max_tokens": 32, "llm_kwargs": {...}, "rounds": 1, "logprobs": false,
           "later_rounds": [[[ids...], ...], ...]}   (optional: other prompts per round)
 RESULT:  {"served_classes": [...], "plugin_op_counts": [{...}], "startup_s": ...,
-          "rounds": [{"outputs": [[ids...]], "cached_tokens": [...], "seconds": ...}],
+          "rounds": [{"outputs": [[ids...]], "cached_tokens": [...], "seconds": ...,
+                      "logprobs": [[logprob of each generated token...]] (if asked)}],
           "metrics": {...}}
 
 One engine per process: tests run this in a subprocess so engines never overlap and a
@@ -49,8 +50,9 @@ def run(request: dict) -> dict:
     started = time.perf_counter()
     llm = LLM(**kwargs)
     startup = time.perf_counter() - started
+    want_logprobs = request.get("logprobs", False)
     params = SamplingParams(max_tokens=request.get("max_tokens", 32), temperature=0.0,
-                            ignore_eos=True)
+                            ignore_eos=True, logprobs=0 if want_logprobs else None)
     batches = [request["prompts"]] * request.get("rounds", 1)
     batches += request.get("later_rounds", [])
     rounds = []
@@ -63,6 +65,10 @@ def run(request: dict) -> dict:
             "cached_tokens": [o.num_cached_tokens or 0 for o in outs],
             "seconds": time.perf_counter() - t0,
         })
+        if want_logprobs:  # vLLM's log-probability of each token it chose
+            rounds[-1]["logprobs"] = [[step[t].logprob for t, step in
+                                       zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+                                      for o in outs]
     return {"served_classes": llm.apply_model(model_class_path),
             "plugin_op_counts": llm.apply_model(plugin_op_counts), "startup_s": startup,
             "rounds": rounds, "metrics": _metrics(llm)}

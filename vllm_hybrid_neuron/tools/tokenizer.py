@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
+# "<|endoftext|>": transformers' Qwen3.5 tokenizer class adds it when the vocabulary lacks it, which
+# would give it an id past the model's embedding; every family's tiny vocabulary carries it.
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>")
 PAD, BOS, EOS = SPECIAL_TOKENS[:3]
 
 # ChatML-style; the generation prompt opens an assistant turn.
