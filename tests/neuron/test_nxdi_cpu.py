@@ -43,4 +43,4 @@ def test_prefill_and_decode_through_nxdi_match_transformers(family, checkpoint):
     got = _run("tests.neuron.nxdi_cpu.run_family", family, checkpoint(family), "4",
                port=29621 + ["granite", "qwen3_5", "gemma4"].index(family))
     assert got["tokens_equal"], got
-    assert got["max_logit_diff"] < 1e-4, got  # fp32 on both sides; measured <= 2e-6
+    assert got["max_logit_diff"] < 1e-4, got  # fp32 on both sides; measured <= 8.3e-6 (gemma4)
