@@ -83,9 +83,10 @@ class HybridModelMixin(nn.Module):
         self.past_key_values = nn.ParameterList(tensors)
 
     def init_inference_optimization(self, config) -> None:
-        # The hybrid state replaces NxDI's KVCacheManager: kv_mgr None makes DecoderModelInstance
-        # alias self.past_key_values (KV caches and recurrent states alike).
-        self.kv_mgr = None
+        # The hybrid state replaces NxDI's KVCacheManager. kv_mgr only exposes past_key_values (KV
+        # caches and recurrent states alike): DecoderModelInstance aliases kv_mgr.past_key_values, and
+        # NxDI's CPU path (ModelWrapper.forward) writes the new states back through it.
+        self.kv_mgr = _HybridStateView(self)
         self.sampler = base.create_sampler(config.neuron_config) if self.on_device_sampling else None
 
     def forward(self, input_ids, attention_mask, position_ids, seq_ids, sampling_params, *unused):
@@ -127,3 +128,14 @@ class PortForCausalLM(base.NeuronBaseForCausalLM):
     @staticmethod
     def update_state_dict_for_tied_weights(state_dict: dict) -> None:
         state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"].clone()
+
+
+class _HybridStateView:
+    """What NxDI reads of a KV-cache manager: ``past_key_values``, here the model's own state list."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+
+    @property
+    def past_key_values(self) -> nn.ParameterList:
+        return self._model.past_key_values
