@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import re
+import time
+import urllib.request
 
 import pytest
 
@@ -10,6 +13,18 @@ from vllm_hybrid_neuron.tools.server import VllmServer
 
 pytestmark = pytest.mark.slow
 DTYPE = {"granite": "float32", "qwen3_5": "bfloat16"}
+COMPLETE_TOKENS, ABANDON_AFTER, ABANDONED_MAX = 40, 4, 200
+
+
+def counter(server, name: str, **labels) -> float:
+    """Sum of the samples of Prometheus counter ``name`` on /metrics matching ``labels``."""
+    text = urllib.request.urlopen(f"{server.base_url}/metrics", timeout=30).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"{re.escape(name)}\{{(.*)\}} (\S+)$", line)
+        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
 
 
 @pytest.mark.parametrize("family", ["granite", "qwen3_5"])
@@ -24,25 +39,38 @@ def test_aborted_streams_leave_others_unchanged(tiny_model_dir, family):
 
         def complete(prompt):
             return client.completions.create(
-                model="m", prompt=prompt, max_tokens=40, temperature=0,
+                model="m", prompt=prompt, max_tokens=COMPLETE_TOKENS, temperature=0,
                 extra_body={"ignore_eos": True}).choices[0].text
 
         def abandon(prompt):
             stream = client.completions.create(
-                model="m", prompt=prompt, max_tokens=200, temperature=0, stream=True,
+                model="m", prompt=prompt, max_tokens=ABANDONED_MAX, temperature=0, stream=True,
                 extra_body={"ignore_eos": True})
-            for i, _ in enumerate(stream):
-                if i == 3:
+            received = 0
+            for _ in stream:
+                received += 1
+                if received == ABANDON_AFTER:
                     break
             stream.close()  # the client disconnects: vLLM aborts the request
-            return "aborted"
+            return received
 
         alone = [complete(p) for p in kept]
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             dropped = [pool.submit(abandon, f"drop {i} " * 50) for i in range(3)]
             together = list(pool.map(complete, kept))
-            assert [d.result() for d in dropped] == ["aborted"] * 3
+            # Each abandoned stream really streamed, and was cut before it could finish.
+            assert [d.result() for d in dropped] == [ABANDON_AFTER] * 3
         assert together == alone
         assert server.healthy()
         assert complete(kept[0]) == alone[0]
-        assert "Aborted request" in server.log() or "abort" in server.log().lower()
+        # Server side: the three disconnects ended as aborts (not run to max_tokens), and every
+        # completion ran to its length; the engine stopped generating for the dropped ones.
+        deadline = time.time() + 30
+        while counter(server, "vllm:request_success_total", finished_reason="abort") < 3 \
+                and time.time() < deadline:
+            time.sleep(0.5)
+        assert counter(server, "vllm:request_success_total", finished_reason="abort") == 3
+        assert counter(server, "vllm:request_success_total", finished_reason="length") == 7
+        generated = counter(server, "vllm:generation_tokens_total")
+        assert generated < 7 * COMPLETE_TOKENS + 3 * ABANDONED_MAX, generated
+        assert server.log().count("Aborted request") >= 1

@@ -21,7 +21,8 @@ def test_greedy_matches_transformers(tiny_model_dir, family, dtype, served_class
     prompts = prompt_ids(model_dir)
     assert max(len(p) for p in prompts) > 300
     # Prefix caching off: vLLM 0.32's CPU Mamba2 prefill crashes in its "align" mode on
-    # prompts longer than a block (tests/test_prefix_caching.py covers the plugin's fix).
+    # prompts longer than a block (test_cpu_backend.py::test_prefix_caching_keeps_greedy_tokens_and_hits
+    # covers the plugin's fix).
     result = run_vllm({"model": model_dir, "dtype": dtype, "prompts": prompts,
                        "max_tokens": 32, "llm_kwargs": {"enable_prefix_caching": False}})
     assert result["served_classes"] == [served_class]
