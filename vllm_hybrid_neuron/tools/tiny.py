@@ -153,7 +153,7 @@ def build(family: str, out: str | Path, preset: str = "tiny", seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     kwargs = {**PRESETS[family][preset], **(overrides or {})}
 
-    ids = save_tokenizer(kwargs["vocab_size"], out)
+    ids = save_tokenizer(kwargs["vocab_size"], out, family)
     config = _config(family, {**kwargs, **ids})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

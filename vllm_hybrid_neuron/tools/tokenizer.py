@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# "<|endoftext|>": transformers' Qwen3.5 tokenizer class adds it when the vocabulary lacks it, which
-# would give it an id past the model's embedding; every family's tiny vocabulary carries it.
-SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>")
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
+# Tokens a family's transformers tokenizer class adds when the vocabulary lacks them, which would
+# give them ids past the model's embedding: Qwen3.5's adds "<|endoftext|>".
+FAMILY_SPECIAL_TOKENS = {"qwen3_5": ("<|endoftext|>",)}
 PAD, BOS, EOS = SPECIAL_TOKENS[:3]
 
 # ChatML-style; the generation prompt opens an assistant turn.
@@ -36,13 +37,15 @@ def main(): print("hello world") return 0 for i in range(10): x = x + i * 2
 """
 
 
-def build_tokenizer(vocab_size: int):
-    """A ``PreTrainedTokenizerFast`` with exactly ``vocab_size`` ids (>= 262)."""
+def build_tokenizer(vocab_size: int, extra_special: tuple[str, ...] = ()):
+    """A ``PreTrainedTokenizerFast`` with exactly ``vocab_size`` ids (>= 262), ``extra_special``
+    tokens among them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    minimum = len(alphabet) + len(SPECIAL_TOKENS) + 1
+    specials = list(SPECIAL_TOKENS) + list(extra_special)
+    minimum = len(alphabet) + len(specials) + 1
     if vocab_size < minimum:
         raise ValueError(f"vocab_size={vocab_size} is below the byte-level minimum {minimum}")
     core = Tokenizer(models.BPE())
@@ -50,7 +53,7 @@ def build_tokenizer(vocab_size: int):
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=specials,
         initial_alphabet=alphabet,
         min_frequency=1,
         show_progress=False,
@@ -85,7 +88,7 @@ def special_ids(tokenizer) -> dict[str, int]:
     }
 
 
-def save_tokenizer(vocab_size: int, out_dir: Path) -> dict[str, int]:
-    tokenizer = build_tokenizer(vocab_size)
+def save_tokenizer(vocab_size: int, out_dir: Path, family: str = "") -> dict[str, int]:
+    tokenizer = build_tokenizer(vocab_size, FAMILY_SPECIAL_TOKENS.get(family, ()))
     tokenizer.save_pretrained(str(out_dir))
     return special_ids(tokenizer)
