@@ -11,51 +11,27 @@
 //  - larger M (prefill): blocks of weight rows converted to fp32 and multiplied with fp32 GEMM
 //    (at::mm), so no full fp32 copy of the weight is ever held.
 // fp32 (or other) weights go to at::linear.
-#include "common.h"
-
-#include <tuple>
+#include "gemv.h"
 
 namespace vhn {
 namespace {
 
 constexpr int64_t kMaxM = 8;
-using bVec = at::vec::Vectorized<BFloat16>;
 
 template <int M, int NB>
 void rows_block(const float* x, int64_t K, const BFloat16* w, int64_t n0, const float* bias,
                 BFloat16* out, int64_t N) {
-  constexpr int64_t kB = bVec::size();  // bf16 lanes per load = 2 fp32 vectors
-  fVec acc[NB][M];
+  float dots[NB][M];
+  dot_block<M, NB>(x, K, w + n0 * K, K, K, dots);
   for (int nb = 0; nb < NB; ++nb)
-    for (int m = 0; m < M; ++m) acc[nb][m] = fVec(0.f);
-  int64_t k = 0;
-  for (; k + kB <= K; k += kB) {
-    fVec w0[NB], w1[NB];  // this k-slice of NB weight rows, converted to fp32
-    for (int nb = 0; nb < NB; ++nb)
-      std::tie(w0[nb], w1[nb]) = at::vec::convert_to_float<BFloat16>(bVec::loadu(w + (n0 + nb) * K + k));
-    for (int m = 0; m < M; ++m) {  // each x vector loaded once, used by NB rows
-      const fVec x0 = fVec::loadu(x + m * K + k), x1 = fVec::loadu(x + m * K + k + kVecF);
-      for (int nb = 0; nb < NB; ++nb)
-        acc[nb][m] = at::vec::fmadd(x1, w1[nb], at::vec::fmadd(x0, w0[nb], acc[nb][m]));
-    }
-  }
-  for (int nb = 0; nb < NB; ++nb) {
-    const int64_t n = n0 + nb;
-    const BFloat16* wr = w + n * K;
-    for (int m = 0; m < M; ++m) {
-      float s = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc[nb][m]);
-      for (int64_t kk = k; kk < K; ++kk) s += x[m * K + kk] * static_cast<float>(wr[kk]);
-      if (bias) s += bias[n];
-      out[m * N + n] = BFloat16(s);
-    }
-  }
+    for (int m = 0; m < M; ++m)
+      out[m * N + n0 + nb] = BFloat16(bias ? dots[nb][m] + bias[n0 + nb] : dots[nb][m]);
 }
 
 template <int M>
 void gemv_rows(const float* x, int64_t K, const BFloat16* w, int64_t N, const float* bias,
                BFloat16* out) {
-  // Rows per block: NB*M accumulators + 2*NB weight vectors + 2 x vectors fit 16 AVX2 registers.
-  constexpr int NB = M == 1 ? 4 : (M == 2 ? 3 : (M <= 4 ? 2 : 1));
+  constexpr int NB = rows_per_block<M>();
   const int64_t blocks = N / NB;
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) rows_block<M, NB>(x, K, w, b * NB, bias, out, N);

@@ -15,8 +15,9 @@ CASES = [
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("moe", ["auto", "plugin"], ids=["vllm-moe", "plugin-moe"])
 @pytest.mark.parametrize("family,dtype,served_class", CASES, ids=[c[0] for c in CASES])
-def test_greedy_matches_transformers(tiny_model_dir, family, dtype, served_class):
+def test_greedy_matches_transformers(tiny_model_dir, family, dtype, served_class, moe):
     model_dir = tiny_model_dir(family)
     prompts = prompt_ids(model_dir)
     assert max(len(p) for p in prompts) > 300
@@ -24,9 +25,12 @@ def test_greedy_matches_transformers(tiny_model_dir, family, dtype, served_class
     # prompts longer than a block (test_cpu_backend.py::test_prefix_caching_keeps_greedy_tokens_and_hits
     # covers the plugin's fix).
     result = run_vllm({"model": model_dir, "dtype": dtype, "prompts": prompts,
-                       "max_tokens": 32, "llm_kwargs": {"enable_prefix_caching": False}})
+                       "max_tokens": 32, "llm_kwargs": {"enable_prefix_caching": False}},
+                      env={"VLLM_HYBRID_NEURON_MOE": moe})
     assert result["served_classes"] == [served_class]
     assert "vllm-hybrid-neuron" in result["log"] and "backend=cpu" in result["log"]
+    # The routed experts run where chosen: vLLM's kernel by default, the plugin's op on request.
+    assert (result["plugin_op_counts"][0].get("moe_experts", 0) > 0) == (moe == "plugin")
 
     outputs = result["rounds"][0]["outputs"]
     # A model stuck on one token would agree with anything: demand varied output.

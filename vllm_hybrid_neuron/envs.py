@@ -14,6 +14,13 @@ BACKEND_CHOICES = ("auto", "cpu", "neuron")
 GDN_PREFILL_ENV = "VLLM_HYBRID_NEURON_GDN_PREFILL"
 GDN_PREFILL_CHOICES = ("auto", "plugin", "vllm")
 
+#: Which kernel computes the routed experts of MoE blocks on CPU: "auto" (default) or "vllm" -
+#: vLLM's own kernels, faster at decode sizes on this project's machines
+#: (benchmarks/results/moe.md) - or "plugin": the plugin's moe_experts op wherever vLLM would
+#: use its portable kernel (faster from ~16 tokens per expert: prefill, hot experts).
+MOE_ENV = "VLLM_HYBRID_NEURON_MOE"
+MOE_CHOICES = ("auto", "plugin", "vllm")
+
 
 def _choice(name: str, choices: tuple[str, ...]) -> str:
     """The value of environment variable ``name``, validated against ``choices`` (case and
@@ -32,3 +39,8 @@ def backend_override() -> str:
 def gdn_prefill_kernel() -> str:
     """The requested bf16 chunked GDN prefill kernel, validated; "auto" when unset."""
     return _choice(GDN_PREFILL_ENV, GDN_PREFILL_CHOICES)
+
+
+def moe_kernel() -> str:
+    """The requested routed-experts kernel, validated; "auto" when unset."""
+    return _choice(MOE_ENV, MOE_CHOICES)

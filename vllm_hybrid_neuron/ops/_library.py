@@ -26,6 +26,7 @@ _OPS = (
     "ssd_chunk_scan",
     "gdn_recurrent",
     "gdn_chunk",
+    "moe_experts",
 )
 
 

@@ -6,14 +6,16 @@ from vllm.model_executor.models.gemma4_mm import (
 )
 
 from vllm_hybrid_neuron.cpu.layers.bf16_linear_layers import use_bf16_linear
+from vllm_hybrid_neuron.cpu.layers.moe_experts import use_plugin_moe
 
 
 class Gemma4ForCausalLM(_VllmGemma4ForCausalLM):
-    """vLLM's Gemma 4 text model; bf16 projections on the plugin's small-M linear."""
+    """vLLM's Gemma 4 text model; bf16 projections and routed experts on the plugin's ops."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         use_bf16_linear(self)
+        use_plugin_moe(self)
 
 
 class Gemma4ForConditionalGeneration(_VllmGemma4ForConditionalGeneration):
@@ -22,3 +24,4 @@ class Gemma4ForConditionalGeneration(_VllmGemma4ForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         use_bf16_linear(self)
+        use_plugin_moe(self)

@@ -9,6 +9,7 @@ from vllm_hybrid_neuron.cpu.layers.full_width_gated_norm import use_full_width_g
 from vllm_hybrid_neuron.cpu.layers.mamba2_mixer import PluginMambaMixer2
 from vllm_hybrid_neuron.cpu.layers.routing import require, swap_layer_class
 from vllm_hybrid_neuron.cpu.layers.bf16_linear_layers import use_bf16_linear
+from vllm_hybrid_neuron.cpu.layers.moe_experts import use_plugin_moe
 
 
 class GraniteMoeHybridForCausalLM(_VllmGraniteMoeHybridForCausalLM):
@@ -29,3 +30,4 @@ class GraniteMoeHybridForCausalLM(_VllmGraniteMoeHybridForCausalLM):
                     "the ReplaySSM state cache is not supported on the CPU backend")
         swap_layer_class(self, MambaMixer2, PluginMambaMixer2)
         use_bf16_linear(self)
+        use_plugin_moe(self)

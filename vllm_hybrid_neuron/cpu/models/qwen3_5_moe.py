@@ -13,6 +13,7 @@ from vllm.model_executor.models.qwen3_5 import (
 from vllm_hybrid_neuron.cpu.layers.gated_deltanet import PluginGatedDeltaNet
 from vllm_hybrid_neuron.cpu.layers.routing import require, swap_layer_class
 from vllm_hybrid_neuron.cpu.layers.bf16_linear_layers import use_bf16_linear
+from vllm_hybrid_neuron.cpu.layers.moe_experts import use_plugin_moe
 
 # Key head dims the C++ gated-delta-rule kernels take.
 SUPPORTED_HEAD_DIMS = range(16, 257)
@@ -46,6 +47,7 @@ class Qwen3_5MoeForCausalLM(_VllmQwen3_5MoeForCausalLM):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         route_gated_deltanet(self, vllm_config)
         use_bf16_linear(self)
+        use_plugin_moe(self)
 
 
 class Qwen3_5MoeForConditionalGeneration(_VllmQwen3_5MoeForConditionalGeneration):
@@ -55,3 +57,4 @@ class Qwen3_5MoeForConditionalGeneration(_VllmQwen3_5MoeForConditionalGeneration
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         route_gated_deltanet(self, vllm_config)
         use_bf16_linear(self)
+        use_plugin_moe(self)

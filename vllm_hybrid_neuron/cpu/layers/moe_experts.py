@@ -1,0 +1,100 @@
+"""Routed MoE experts on the plugin's ``moe_experts`` op (``ops/moe.py``).
+
+vLLM's CPU experts (``CPUUnquantizedExperts``, the portable "vec" kernel every CPU without AMX
+gets) cost in proportion to the tokens of a step, not to the distinct experts they hit, so
+batched decode, speculative verification and prefill pay for each token what a lone token
+pays (benchmarks/bench_moe.py). The plugin's op groups tokens by expert and reads each routed
+expert's weights once per step.
+
+Opt-in (``VLLM_HYBRID_NEURON_MOE=plugin``): on this project's AVX2 machines the op is
+1.1-1.5x vLLM's kernel from ~16 tokens per expert (prefill chunks, hot experts) but 0.6-0.7x at
+decode sizes, where vLLM's prepacked kernel streams bf16 weights faster than the op's
+(benchmarks/results/moe.md), so vLLM's kernel stays the default.
+
+Hooked through vLLM's MoE method's public ``experts_cls`` (the class its modular kernel
+instantiates): before weights load, the plugin's model classes swap it for ``PluginCPUExperts``,
+a subclass that keeps vLLM's (E, 2I, K) / (E, K, I) weights as they load (no padding, no
+prepacking) and whose ``apply`` calls the op. Routing (softmax / renormalised top-k, Gemma 4's
+scales) and the shared expert stay vLLM's. Only that exact class is replaced (vLLM's AMX, ARM,
+Power and zentorch kernels stay), and only for activations, layouts and parallel setups the op
+covers; anything else keeps vLLM's kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+from vllm_hybrid_neuron import envs
+from vllm_hybrid_neuron.cpu.layers import op_stats
+from vllm_hybrid_neuron.ops.moe import ACTIVATIONS, moe_experts
+
+logger = logging.getLogger("vllm.hybrid_neuron")
+
+
+class PluginCPUExperts(CPUUnquantizedExperts):
+    """vLLM's CPU experts interface, computed by ``moe_experts``."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        self._use_zentorch = False
+        for name in ("w13_weight", "w2_weight"):  # (E, 2I, K), (E, K, I) as loaded
+            param = getattr(layer, name)
+            if not param.is_contiguous():
+                param.data = param.data.contiguous()
+
+    def apply(self, output: torch.Tensor, hidden_states: torch.Tensor, w1: torch.Tensor,
+              w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              activation: MoEActivation, global_num_experts: int,
+              expert_map: torch.Tensor | None, a1q_scale, a2_scale, workspace13, workspace2,
+              expert_tokens_meta, apply_router_weight_on_input: bool) -> None:
+        # apply_router_weight_on_input (top-1 only) was applied to hidden_states by vLLM's
+        # prepare step; the op then weights by topk_weights, as vLLM's CPU kernel does.
+        op_stats.count("moe_experts")
+        moe_experts(output, hidden_states, w1, w2, topk_weights, topk_ids, activation.value)
+
+
+def _covered(method) -> str | None:
+    """Why the op cannot serve this MoE method, or None."""
+    moe = method.moe
+    if moe.activation.value not in ACTIVATIONS:
+        return f"activation {moe.activation.value}"
+    if moe.has_bias:
+        return "expert biases"
+    if moe.moe_parallel_config.use_ep:
+        return "expert parallelism"
+    return None
+
+
+def use_plugin_moe(model: nn.Module) -> int:
+    """Before weights load, when ``VLLM_HYBRID_NEURON_MOE=plugin``: route every MoE layer of
+    ``model`` on vLLM's portable CPU experts to ``PluginCPUExperts``. Returns the number of
+    layers."""
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+
+    if envs.moe_kernel() != "plugin":
+        logger.info("vllm-hybrid-neuron: MoE layers stay on vLLM's kernels (%s=plugin "
+                    "selects the plugin's moe_experts op)", envs.MOE_ENV)
+        return 0
+    count, kept = 0, set()
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if not isinstance(method, UnquantizedFusedMoEMethod):
+            continue
+        if method.experts_cls is not CPUUnquantizedExperts:
+            kept.add(getattr(method.experts_cls, "__name__", str(method.experts_cls)))
+            continue
+        reason = _covered(method)
+        if reason is not None:
+            kept.add(f"CPUUnquantizedExperts ({reason})")
+            continue
+        method.experts_cls = PluginCPUExperts
+        count += 1
+    logger.info("vllm-hybrid-neuron: %d MoE layers run the plugin's moe_experts op%s", count,
+                f"; vLLM's kernel kept for {', '.join(sorted(kept))}" if kept else "")
+    return count
