@@ -1,12 +1,14 @@
 """End-to-end serving benchmark: the plugin against vLLM 0.32's native CPU path.
 
     .venv/bin/python benchmarks/bench_serve.py --family granite [--runs 3] [--quick]
+        [--paths plugin plugin-moe native] [--suffix -moe]
 
 Builds a random checkpoint with realistic layer widths (fewer layers), then in one run
-serves it twice with `vllm serve` - once with the plugin, once with VLLM_PLUGINS set so
-the plugin is not loaded (vLLM's native CPU path) - and drives each with
+serves it with `vllm serve` once per path - the plugin; optionally the plugin with its
+moe_experts op (VLLM_HYBRID_NEURON_MOE=plugin); and with VLLM_PLUGINS set so the plugin is
+not loaded (vLLM's native CPU path) - and drives each with
 `vllm bench serve` (random dataset; 1024 in / 128 out and 128 in / 512 out;
-concurrency 1 and 4; both cores bound), the two paths' runs interleaved. Writes benchmarks/results/serve-<family>.json
+concurrency 1 and 4; both cores bound), the paths' runs interleaved. Writes benchmarks/results/serve-<family>.json
 and .md (medians of --runs, and plugin/native ratios); plot_serve.py draws the PNG.
 """
 
@@ -59,33 +61,40 @@ def bench_once(server: VllmServer, model_dir: str, inp: int, out: int, conc: int
     return {m: result[m] for m in METRICS}
 
 
-def serve_and_bench(model_dir: str, plugin: bool, quick: bool) -> dict:
+# Served paths: vLLM native, the plugin (vLLM's MoE kernel), the plugin with its moe_experts op.
+PATHS = {"native": {"VLLM_PLUGINS": "none"},  # load no general plugin: vLLM's native classes
+         "plugin": {},
+         "plugin-moe": {"VLLM_HYBRID_NEURON_MOE": "plugin"}}
+
+
+def serve_and_bench(model_dir: str, path: str, quick: bool) -> dict:
     """One server start, every workload once; returns {workload: metrics}."""
-    env = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4"}
-    if not plugin:
-        env["VLLM_PLUGINS"] = "none"  # load no general plugin: vLLM's native classes
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4", **PATHS[path]}
+    plugin = path != "native"
     args = ["--served-model-name", "bench", "--dtype", "bfloat16", "--max-model-len", "2048",
             "--enforce-eager", "--no-enable-prefix-caching"]
     sample = {}
     with VllmServer(model_dir, args, env=env, ready_timeout=900) as server:
         assert ("vllm-hybrid-neuron" in server.log()) == plugin
+        assert ("MoE layers run the plugin's moe_experts op" in server.log()) == (
+            path == "plugin-moe")
         bench_once(server, model_dir, 64, 16, 1, 2)  # warm-up
         for inp, out in WORKLOADS:
             for conc in CONCURRENCY:
                 num_prompts = conc * (1 if quick else 2)
                 key = f"in{inp}-out{out}-c{conc}"
                 sample[key] = bench_once(server, model_dir, inp, out, conc, num_prompts)
-                print(key, "plugin" if plugin else "native", sample[key], flush=True)
+                print(key, path, sample[key], flush=True)
     return sample
 
 
-def interleaved_runs(model_dir: str, runs: int, quick: bool) -> dict:
-    """plugin, native, plugin, native, ...: slow drift of a shared machine hits both paths
+def interleaved_runs(model_dir: str, runs: int, quick: bool, paths: list[str]) -> dict:
+    """plugin, native, plugin, native, ...: slow drift of a shared machine hits every path
     alike instead of biasing the ratio; medians over the runs."""
-    samples = {"plugin": [], "native": []}
+    samples = {path: [] for path in paths}
     for _ in range(runs):
-        for path in ("plugin", "native"):
-            samples[path].append(serve_and_bench(model_dir, path == "plugin", quick))
+        for path in paths:
+            samples[path].append(serve_and_bench(model_dir, path, quick))
     table = {}
     for path, runs_ in samples.items():
         table[path] = {}
@@ -96,16 +105,19 @@ def interleaved_runs(model_dir: str, runs: int, quick: bool) -> dict:
 
 
 def write_markdown(family: str, results: dict, path: Path) -> None:
-    lines = [f"| {family} workload | TTFT ms (plugin / native = ratio) | "
-             "TPOT ms (plugin / native = ratio) | output tok/s (plugin / native = ratio) |",
-             "|---|---|---|---|"]
-    for key in results["plugin"]:
-        cells = []
-        for m in METRICS:
-            p, n = results["plugin"][key][m], results["native"][key][m]
-            cells.append(f"{p:.1f} / {n:.1f} = **{p / n:.2f}x**")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    lines = []
+    for served in [p for p in PATHS if p != "native" and p in results]:
+        lines += [f"| {family} workload | TTFT ms ({served} / native = ratio) | "
+                  f"TPOT ms ({served} / native = ratio) | output tok/s ({served} / native = ratio) |",
+                  "|---|---|---|---|"]
+        for key in results[served]:
+            cells = []
+            for m in METRICS:
+                p, n = results[served][key][m], results["native"][key][m]
+                cells.append(f"{p:.1f} / {n:.1f} = **{p / n:.2f}x**")
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        lines.append("")
+    path.write_text("\n".join(lines))
 
 
 def main() -> None:
@@ -114,6 +126,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer prompts per run")
     parser.add_argument("--model-dir", help="reuse a checkpoint built earlier")
+    parser.add_argument("--paths", nargs="+", choices=sorted(PATHS), default=["plugin", "native"],
+                        help="served paths, interleaved (native is always measured)")
+    parser.add_argument("--suffix", default="", help="results file suffix")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     preset, overrides = CHECKPOINTS[args.family]
@@ -124,8 +139,9 @@ def main() -> None:
         print(f"built {model_dir} in {time.time() - t0:.0f}s", flush=True)
     results = {"family": args.family, "preset": preset, "overrides": overrides,
                "runs": args.runs}
-    results.update(interleaved_runs(model_dir, args.runs, args.quick))
-    out = RESULTS / f"serve-{args.family}"
+    paths = args.paths + ([] if "native" in args.paths else ["native"])
+    results.update(interleaved_runs(model_dir, args.runs, args.quick, paths))
+    out = RESULTS / f"serve-{args.family}{args.suffix}"
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(args.family, results, out.with_suffix(".md"))
     print(out.with_suffix(".md").read_text())

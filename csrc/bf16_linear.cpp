@@ -13,6 +13,8 @@
 // fp32 (or other) weights go to at::linear.
 #include "gemv.h"
 
+#include <vector>
+
 namespace vhn {
 namespace {
 
@@ -50,9 +52,12 @@ constexpr int64_t kGemmBlockBytes = 8 << 20;  // fp32 bytes of one converted wei
 // out[:, n] for rows of x in groups of at most kMaxM, streaming the weight once per group.
 void streamed(const at::Tensor& x32, const at::Tensor& weight, const float* bias, at::Tensor& out) {
   const int64_t M = x32.size(0), K = x32.size(1), N = weight.size(0);
+  std::vector<float> xd(M * K);  // x in the dot layout of bf16 weights
+  for (int64_t m = 0; m < M; ++m)
+    to_dot_layout<BFloat16>(x32.const_data_ptr<float>() + m * K, xd.data() + m * K, K);
   for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
     const int64_t rows = std::min(kMaxM, M - m0);
-    kGemv[rows](x32.const_data_ptr<float>() + m0 * K, K, weight.const_data_ptr<BFloat16>(), N,
+    kGemv[rows](xd.data() + m0 * K, K, weight.const_data_ptr<BFloat16>(), N,
                 bias, out.data_ptr<BFloat16>() + m0 * N);
   }
 }

@@ -1,5 +1,5 @@
-// Small-M matrix-vector blocks shared by bf16_linear and moe_experts: M fp32 input rows against
-// NB weight rows (bf16 or fp32), fp32 accumulation. Each weight vector is loaded (and converted)
+// Small-M matrix-vector blocks shared by bf16_linear and moe_experts: M fp32 input rows (in the
+// weight type's dot layout, below) against NB weight rows (bf16 or fp32), fp32 accumulation. Each weight vector is loaded (and converted)
 // once and used by all M input rows; each input vector once and used by all NB weight rows.
 // The accumulation order of one (input row, weight row) pair depends only on K, never on M or
 // NB, so a token's result does not depend on which other tokens share its call.
@@ -8,21 +8,59 @@
 #include "common.h"
 
 #include <tuple>
+#include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 namespace vhn {
 
 using bVec = at::vec::Vectorized<BFloat16>;
 constexpr int64_t kDotStep = bVec::size();  // elements per k-step: 2 fp32 vectors
 
-// Two fp32 vectors of weight elements k .. k + kDotStep.
+// The order a dot kernel reads x in ("dot layout"). bf16 weights are widened to fp32 with one
+// shift and one mask per vector (no lane shuffles), which yields a k-step's even-indexed
+// elements, then its odd-indexed ones: x is stored the same way, each full k-step of x as its
+// kVecF even-indexed elements followed by its kVecF odd-indexed ones; the tail (K % kDotStep)
+// stays in natural order. fp32 weights read x in natural order.
+template <typename W>
+inline int64_t dot_index(int64_t i, int64_t K) {
+  if (!std::is_same<W, BFloat16>::value || i >= K - K % kDotStep) return i;
+  const int64_t r = i % kDotStep;
+  return i - r + (r & 1) * kVecF + (r >> 1);
+}
+
+// dst (K) = src (K) in W's dot layout.
+template <typename W>
+inline void to_dot_layout(const float* src, float* dst, int64_t K) {
+  for (int64_t i = 0; i < K; ++i) dst[dot_index<W>(i, K)] = src[i];
+}
+
+// Two fp32 vectors of the weight elements k .. k + kDotStep, in dot layout.
 inline std::tuple<fVec, fVec> load_pair(const BFloat16* w) {
-  return at::vec::convert_to_float<BFloat16>(bVec::loadu(w));
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(w));
+  return {fVec(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16))),
+          fVec(_mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xFFFF0000))))};
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return {fVec(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16))),
+          fVec(_mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF0000))))};
+#else
+  alignas(64) float even[kVecF], odd[kVecF];
+  for (int64_t i = 0; i < kVecF; ++i) {
+    even[i] = static_cast<float>(w[2 * i]);
+    odd[i] = static_cast<float>(w[2 * i + 1]);
+  }
+  return {fVec::loadu(even), fVec::loadu(odd)};
+#endif
 }
 inline std::tuple<fVec, fVec> load_pair(const float* w) {
   return {fVec::loadu(w), fVec::loadu(w + kVecF)};
 }
 
-// dots[nb][m] = sum_k x[m * ldx + k] * w[nb * ldw + k], k < K.
+// dots[nb][m] = sum_k x[m * ldx + k] * w[nb * ldw + k], k < K, with x in W's dot layout.
 template <int M, int NB, typename W>
 inline void dot_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                       float dots[NB][M]) {

@@ -107,9 +107,10 @@ void moe_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13, const
   }
   const at::Tensor x32 = x.to(at::kFloat).contiguous();
   const float* xp = x32.const_data_ptr<float>();
-  std::vector<float> xg(S * K), a(S * I), y(S * K);  // sorted inputs, activations, expert outputs
-  for (int64_t r = 0; r < S; ++r)
-    std::copy(xp + slot_token[r] * K, xp + (slot_token[r] + 1) * K, xg.data() + r * K);
+  // Sorted inputs and activations (both in W's dot layout), expert outputs.
+  std::vector<float> xg(S * K), a(S * I), y(S * K);
+  for (int64_t r = 0; r < S; ++r)  // in the dot layout of W (gemv.h)
+    to_dot_layout<W>(xp + slot_token[r] * K, xg.data() + r * K, K);
 
   struct Item { int64_t e, c0, cols; };
   auto items_for = [&](int64_t cols_total) {
@@ -137,7 +138,7 @@ void moe_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13, const
       small_gemm(xr, tr, K, gate, it.cols, K, K,
                  [&](int64_t r, int64_t c, float v) { g[r * kColBlock + c] = v; });
       small_gemm(xr, tr, K, up, it.cols, K, K, [&](int64_t r, int64_t c, float v) {
-        a[(r0 + t0 + r) * I + it.c0 + c] = activate(g[r * kColBlock + c], act) * v;
+        a[(r0 + t0 + r) * I + dot_index<W>(it.c0 + c, I)] = activate(g[r * kColBlock + c], act) * v;
       });
     }
   });
