@@ -85,17 +85,22 @@ def hf_model(model_dir: str):
     return model.eval()
 
 
+def _teacher_forced(model, prompt: list[int], generated: list[int]) -> tuple[torch.Tensor, float]:
+    """transformers' fp32 logits at the positions that chose ``generated`` (gen, vocab), and the
+    worst deficit: how far a chosen token's logit is below that position's argmax."""
+    logits = model(torch.tensor([prompt + generated])).logits[0].float()  # (seq, vocab)
+    rows = logits[len(prompt) - 1: len(prompt) - 1 + len(generated)]  # (gen, vocab)
+    chosen = rows.gather(1, torch.tensor(generated)[:, None])[:, 0]
+    return rows, float((rows.max(dim=1).values - chosen).max())
+
+
 @torch.no_grad()
 def check_against_hf(model, prompt: list[int], generated: list[int],
                      generate_tokens: int = 8) -> HFCheck:
     """Teacher-force ``prompt + generated`` through transformers (fp32) and measure how
     far each chosen token's logit is below that position's argmax; also compare with
     transformers' own greedy ``generate``."""
-    full = torch.tensor([prompt + generated])
-    logits = model(full).logits[0].float()  # (seq, vocab)
-    rows = logits[len(prompt) - 1: len(prompt) - 1 + len(generated)]  # (gen, vocab)
-    chosen = rows.gather(1, torch.tensor(generated)[:, None])[:, 0]
-    deficit = float((rows.max(dim=1).values - chosen).max())
+    rows, deficit = _teacher_forced(model, prompt, generated)
     ref = model.generate(torch.tensor([prompt]), max_new_tokens=generate_tokens,
                          min_new_tokens=generate_tokens, do_sample=False,
                          pad_token_id=model.config.pad_token_id)[0, len(prompt):].tolist()
@@ -115,3 +120,28 @@ def hf_logprobs(model, prompt: list[int], generated: list[int]) -> tuple[list[fl
     rows = torch.log_softmax(logits[len(prompt) - 1: len(prompt) - 1 + len(generated)], -1)
     chosen = rows.gather(1, torch.tensor(generated)[:, None])[:, 0]
     return chosen.tolist(), rows.argmax(-1).tolist()
+
+
+@torch.no_grad()
+def same_greedy_tokens(model, prompts: list[list[int]], outputs: list[list[int]],
+                       expected: list[list[int]], margin: float) -> list[str]:
+    """Where ``outputs`` differ from ``expected`` (two vLLM runs that must agree): why, as a
+    list of messages (empty when they agree). Floating-point results depend on how a step is
+    batched, so two exact runs may part at a near-tie; that is accepted only where transformers
+    (fp32, teacher-forced on the shared prefix) puts the two candidates within ``margin`` logits
+    of each other and each run's tokens stay within ``margin`` of its argmax throughout."""
+    problems = []
+    for i, (prompt, got, want) in enumerate(zip(prompts, outputs, expected)):
+        if got == want:
+            continue
+        at = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        if at >= min(len(got), len(want)):
+            problems.append(f"prompt {i}: {len(got)} tokens against {len(want)}")
+            continue
+        rows, got_deficit = _teacher_forced(model, prompt, got)
+        gap = abs(float(rows[at, got[at]] - rows[at, want[at]]))  # same context up to ``at``
+        deficits = [got_deficit, _teacher_forced(model, prompt, want)[1]]
+        if gap > margin or max(deficits) > margin:
+            problems.append(f"prompt {i} ({len(prompt)} tokens) parts at token {at}: candidates "
+                            f"{gap:.4f} logits apart, worst deficits {deficits}")
+    return problems

@@ -13,7 +13,7 @@ import functools
 
 import pytest
 
-from helpers import MARGIN, check_against_hf, hf_model, run_vllm
+from helpers import MARGIN, check_against_hf, hf_model, run_vllm, same_greedy_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -135,15 +135,21 @@ def test_prefix_caching_keeps_greedy_tokens_and_hits(case):
     probe = 6 + BLOCK_CANDIDATES.index(block)
     baseline = _baseline(model_dir, dtype)
     cold, warm, shared, probes_shared = result["rounds"]
-    assert cold["outputs"][:6] == baseline[:6]
-    assert warm["outputs"] == cold["outputs"]  # the block-aligned probes too
-    assert shared["outputs"] == baseline[6:]
+    # Cache hits change how steps are batched: the runs must agree, near-ties aside (a 16-token
+    # prompt once parted at a candidate pair 0.0017 logits apart in fp32).
+    model, margin = hf_model(model_dir), MARGIN[dtype]
+    prompts = result["request"]["prompts"]
+    assert not same_greedy_tokens(model, prompts[:6], cold["outputs"][:6], baseline[:6], margin)
+    # the block-aligned probes too
+    assert not same_greedy_tokens(model, prompts, warm["outputs"], cold["outputs"], margin)
+    shared_prompts = result["request"]["later_rounds"][0]
+    assert not same_greedy_tokens(model, shared_prompts, shared["outputs"], baseline[6:], margin)
     assert warm["cached_tokens"][probe] > 0  # the repeated probe hits
     # and so does a prompt sharing its prefix, whose tokens are still transformers'
     assert probes_shared["cached_tokens"][probe - 6] > 0
     later = result["request"]["later_rounds"][1][probe - 6]
-    check = check_against_hf(hf_model(model_dir), later, probes_shared["outputs"][probe - 6])
-    assert check.worst_deficit <= MARGIN[dtype], check
+    check = check_against_hf(model, later, probes_shared["outputs"][probe - 6])
+    assert check.worst_deficit <= margin, check
 
 
 @pytest.mark.parametrize("dtype", ["float32"])
