@@ -17,7 +17,7 @@ GDN_PREFILL_CHOICES = ("auto", "plugin", "vllm")
 #: Which kernel computes the routed experts of MoE blocks on CPU: "auto" (default) or "vllm" -
 #: vLLM's own kernels, faster at decode sizes on this project's machines
 #: (benchmarks/results/moe.md) - or "plugin": the plugin's moe_experts op wherever vLLM would
-#: use its portable kernel (faster from ~16 tokens per expert: prefill, hot experts).
+#: use its portable kernel (faster from 64 tokens per call, or 16 sharing experts: prefill, verification).
 MOE_ENV = "VLLM_HYBRID_NEURON_MOE"
 MOE_CHOICES = ("auto", "plugin", "vllm")
 

@@ -7,9 +7,10 @@ pays (benchmarks/bench_moe.py). The plugin's op groups tokens by expert and read
 expert's weights once per step.
 
 Opt-in (``VLLM_HYBRID_NEURON_MOE=plugin``): on this project's AVX2 machines the op is
-1.1-1.5x vLLM's kernel from ~16 tokens per expert (prefill chunks, hot experts) but 0.6-0.7x at
-decode sizes, where vLLM's prepacked kernel streams bf16 weights faster than the op's
-(benchmarks/results/moe.md), so vLLM's kernel stays the default.
+1.2-1.5x vLLM's kernel from 64 tokens per call or 16 tokens sharing experts (prefill chunks,
+speculative verification) but 0.73-0.91x at decode sizes, where vLLM's prepacked kernel
+streams bf16 weights faster than the op's (benchmarks/results/moe.md), so vLLM's kernel stays
+the default.
 
 Hooked through vLLM's MoE method's public ``experts_cls`` (the class its modular kernel
 instantiates): before weights load, the plugin's model classes swap it for ``PluginCPUExperts``,
