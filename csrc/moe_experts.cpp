@@ -47,8 +47,8 @@ void for_each_item(int64_t n, const F& item) {
   });
 }
 
-// dots (rows, cols) = x (rows, K; stride ldx) @ w (cols, K; stride ldw)^T; dots row stride ldd.
-// Calls emit(row, col, value) for each result.
+// (rows, cols) = x (rows, K; stride ldx, in W's dot layout) @ w (cols, K; stride ldw)^T,
+// handed to emit(row, col, value) one result at a time.
 template <typename W, typename Emit>
 void small_gemm(const float* x, int64_t rows, int64_t ldx, const W* w, int64_t cols, int64_t ldw,
                 int64_t K, const Emit& emit) {
