@@ -52,8 +52,10 @@ class PluginCPUExperts(CPUUnquantizedExperts):
               activation: MoEActivation, global_num_experts: int,
               expert_map: torch.Tensor | None, a1q_scale, a2_scale, workspace13, workspace2,
               expert_tokens_meta, apply_router_weight_on_input: bool) -> None:
-        # apply_router_weight_on_input (top-1 only) was applied to hidden_states by vLLM's
-        # prepare step; the op then weights by topk_weights, as vLLM's CPU kernel does.
+        # apply_router_weight_on_input (top-1 only): vLLM's prepare step already scaled
+        # hidden_states, and its CPU kernel then skips the weighting; so must the op.
+        if apply_router_weight_on_input:
+            topk_weights = torch.ones_like(topk_weights)
         op_stats.count("moe_experts")
         moe_experts(output, hidden_states, w1, w2, topk_weights, topk_ids, activation.value)
 
