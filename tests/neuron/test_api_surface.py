@@ -96,8 +96,8 @@ def _nxdi_references() -> set[str]:
                 args = [a.value for a in node.args if isinstance(a, ast.Constant)]
                 if fname == "_nxdi" and len(args) == 2:
                     refs.add(NX + ".".join(args))
-                elif fname == "_nxd" and len(args) == 1:
-                    refs.add("neuronx_distributed.parallel_layers.layers." + args[0])
+                elif fname == "_nxd" and len(args) == 2:
+                    refs.add("neuronx_distributed." + ".".join(args))
                 elif fname == "_nxdi" or fname == "_nxd":
                     raise AssertionError(f"{path.name}: non-literal NxDI lookup")
             if isinstance(node, (ast.Import, ast.ImportFrom)):

@@ -24,9 +24,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from vllm_hybrid_neuron.neuron import base
-from vllm_hybrid_neuron.neuron.common import RMSNorm, apply_partial_rope, attention_with_cache, routed_experts
+from vllm_hybrid_neuron.neuron.common import RMSNorm, apply_partial_rope, attention_with_cache
 from vllm_hybrid_neuron.neuron.hybrid import HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config, flatten_text_config
 from vllm_hybrid_neuron.neuron.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from vllm_hybrid_neuron.neuron.moe import RoutedExperts, from_fused_hf, top_k_affinities
+from vllm_hybrid_neuron.neuron.tp import heads_per_rank, per_rank, shard_heads, tp_degree
 
 # Parts of a Gemma4ForConditionalGeneration checkpoint ("model." already stripped) that are not text.
 _NON_TEXT_PREFIXES = ("vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.")
@@ -141,18 +143,19 @@ def rope_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
 class Gemma4Attention(nn.Module):
     def __init__(self, config, layer_idx: int, dtype: torch.dtype) -> None:
         super().__init__()
-        D, kind = config.hidden_size, config.layer_types[layer_idx]
-        self.Hq = config.num_attention_heads
-        self.Hkv, self.hd = config.layer_kv_heads[layer_idx], config.layer_head_dims[layer_idx]
+        D, kind, tp = config.hidden_size, config.layer_types[layer_idx], tp_degree(config)
+        self.Hq = per_rank(config.num_attention_heads, tp, "num_attention_heads")  # this rank's heads
+        self.Hkv = heads_per_rank(config.layer_kv_heads[layer_idx], tp, f"KV heads of layer {layer_idx} ({kind})")
+        self.hd = config.layer_head_dims[layer_idx]
         self.window = config.sliding_window if kind == "sliding_attention" else None
         self.k_eq_v = bool(getattr(config, "attention_k_eq_v", False)) and kind != "sliding_attention"
         self.eps = config.rms_norm_eps
         bias = getattr(config, "attention_bias", False)
-        self.q_proj = ColumnParallelLinear(D, self.Hq * self.hd, bias=bias, gather_output=False, dtype=dtype)
-        self.k_proj = ColumnParallelLinear(D, self.Hkv * self.hd, bias=bias, gather_output=False, dtype=dtype)
+        self.q_proj = ColumnParallelLinear(D, tp * self.Hq * self.hd, bias=bias, gather_output=False, dtype=dtype)
+        self.k_proj = ColumnParallelLinear(D, tp * self.Hkv * self.hd, bias=bias, gather_output=False, dtype=dtype)
         self.v_proj = None if self.k_eq_v else \
-            ColumnParallelLinear(D, self.Hkv * self.hd, bias=bias, gather_output=False, dtype=dtype)
-        self.o_proj = RowParallelLinear(self.Hq * self.hd, D, bias=bias, input_is_parallel=True, dtype=dtype)
+            ColumnParallelLinear(D, tp * self.Hkv * self.hd, bias=bias, gather_output=False, dtype=dtype)
+        self.o_proj = RowParallelLinear(tp * self.Hq * self.hd, D, bias=bias, input_is_parallel=True, dtype=dtype)
         self.q_norm = RMSNorm(self.hd, self.eps)
         self.k_norm = RMSNorm(self.hd, self.eps)
         rope = _as_dict(_as_dict(config.rope_parameters)[kind])
@@ -193,6 +196,7 @@ class Gemma4MLP(nn.Module):
     def __init__(self, config, dtype: torch.dtype) -> None:
         super().__init__()
         D, I = config.hidden_size, config.intermediate_size
+        per_rank(I, tp_degree(config), "intermediate_size")
         self.act = _act(config.hidden_activation)
         self.gate_proj = ColumnParallelLinear(D, I, bias=False, gather_output=False, dtype=dtype)
         self.up_proj = ColumnParallelLinear(D, I, bias=False, gather_output=False, dtype=dtype)
@@ -210,20 +214,17 @@ class Gemma4MoE(nn.Module):
         super().__init__()
         D, E, I = config.hidden_size, config.num_experts, config.moe_intermediate_size
         self.top_k, self.eps = config.top_k_experts, config.rms_norm_eps
-        self.act = _act(config.hidden_activation)
-        self.router = nn.Parameter(torch.zeros(E, D, dtype=dtype))  # (E, D)
+        self.router = nn.Parameter(torch.zeros(E, D, dtype=dtype))  # (E, D), replicated
         self.router_scale = nn.Parameter(torch.ones(D, dtype=dtype))  # (D,)
         self.expert_scale = nn.Parameter(torch.ones(E, dtype=dtype))  # (E,)
-        self.gate_up = nn.Parameter(torch.zeros(E, 2 * I, D, dtype=dtype))  # (E, 2I, D) [gate; up]
-        self.down = nn.Parameter(torch.zeros(E, D, I, dtype=dtype))  # (E, D, I)
+        self.experts = RoutedExperts(config, E, D, I, self.top_k, config.hidden_activation, dtype)
 
     def forward(self, h, x):
         """h: (B, L, D) block input (routing); x: (B, L, D) normed expert input."""
         B, L, D = h.shape
         r = rms_normalize(h.reshape(-1, D), self.eps) * self.router_scale * D ** -0.5  # (T, D)
-        y = routed_experts(x.reshape(-1, D), F.linear(r, self.router), self.gate_up, self.down, self.top_k,
-                           normalize=True, act=self.act, expert_scale=self.expert_scale)
-        return y.view(B, L, D)
+        affinities, index = top_k_affinities(F.linear(r, self.router), self.top_k, self.expert_scale)
+        return self.experts(x.reshape(-1, D), affinities, index, L).view(B, L, D)
 
 
 class Gemma4DecoderLayer(nn.Module):
@@ -285,14 +286,25 @@ class NeuronGemma4ForCausalLM(PortForCausalLM):
     @staticmethod
     def convert_hf_to_neuron_state_dict(state_dict: dict, config) -> dict:
         """HF keys ("model." stripped; ConditionalGeneration's "language_model." too, vision and
-        audio towers dropped) -> port keys. Layer norms, attention and MLP keep their HF names."""
+        audio towers dropped) -> port keys. Norms, o_proj and the dense MLP keep their HF names;
+        q/k/v are laid out per rank for ``tp_degree`` (KV heads replicated when fewer than ranks)."""
+        tp = tp_degree(config)
         sd = {k.replace("language_model.", "", 1): v for k, v in state_dict.items()
               if not k.startswith(_NON_TEXT_PREFIXES)}
-        renames = {"router.proj.weight": "moe.router", "router.scale": "moe.router_scale",
-                   "router.per_expert_scale": "moe.expert_scale", "experts.gate_up_proj": "moe.gate_up",
-                   "experts.down_proj": "moe.down"}
         out = {}
-        for key, value in sd.items():
-            new = next((key.replace(o, r) for o, r in renames.items() if key.endswith(o)), key)
-            out[new] = value
+        for i in range(config.num_hidden_layers):
+            p, hd, hkv = f"layers.{i}.", config.layer_head_dims[i], config.layer_kv_heads[i]
+            for proj, n in (("q_proj", config.num_attention_heads), ("k_proj", hkv), ("v_proj", hkv)):
+                for b in ("weight", "bias"):
+                    key = p + f"self_attn.{proj}.{b}"
+                    if key in sd:
+                        out[key] = shard_heads(sd.pop(key), n, hd, tp, f"{proj} heads of layer {i}")
+            if p + "router.proj.weight" in sd:
+                out[p + "moe.router"] = sd.pop(p + "router.proj.weight")
+                out[p + "moe.router_scale"] = sd.pop(p + "router.scale")
+                out[p + "moe.expert_scale"] = sd.pop(p + "router.per_expert_scale")
+                gate_up, down = from_fused_hf(sd.pop(p + "experts.gate_up_proj"), sd.pop(p + "experts.down_proj"))
+                out[p + "moe.experts.experts.mlp_op.gate_up_proj.weight"] = gate_up  # (E, D, 2I)
+                out[p + "moe.experts.experts.mlp_op.down_proj.weight"] = down  # (E, I, D)
+        out.update(sd)
         return out

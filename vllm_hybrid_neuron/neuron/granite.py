@@ -14,11 +14,14 @@ from torch.nn import functional as F
 
 from vllm_hybrid_neuron.neuron import base
 from vllm_hybrid_neuron.neuron.common import (
-    RMSNorm, apply_partial_rope, attention_with_cache, read_slots,
-    rms_norm_gated, rope_cos_sin, routed_experts, write_slots,
+    RMSNorm, apply_partial_rope, attention_with_cache, read_slots, rms_norm_gated, rope_cos_sin, write_slots,
 )
 from vllm_hybrid_neuron.neuron.hybrid import HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config
 from vllm_hybrid_neuron.neuron.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from vllm_hybrid_neuron.neuron.moe import GluMLP, RoutedExperts, from_fused_hf, shard_glu, top_k_affinities
+from vllm_hybrid_neuron.neuron.tp import (
+    ShardedWeight, heads_per_rank, per_rank, reduce_sum, shard_fused, shard_heads, tp_degree,
+)
 from vllm_hybrid_neuron.neuron.ssd import causal_conv, next_conv_state, ssd_chunked, ssd_step
 
 
@@ -42,61 +45,80 @@ class GraniteMoeHybridInferenceConfig(base.InferenceConfig):
 
 
 class Mamba2Mixer(nn.Module):
+    """Mamba2 mixer; at TP > 1 each rank holds H/tp heads (their z, x, dt channels and their
+    group's B, C) and the gated norm's mean square is summed over the ranks."""
+
     def __init__(self, config, dtype: torch.dtype) -> None:
         super().__init__()
-        D = config.hidden_size
+        D, tp = config.hidden_size, tp_degree(config)
+        self.tp = tp
         self.H, self.P = config.mamba_n_heads, config.mamba_d_head
         self.G, self.N, self.K = config.mamba_n_groups, config.mamba_d_state, config.mamba_d_conv
         self.I = int(config.mamba_expand * D)
-        self.conv_dim = self.I + 2 * self.G * self.N
+        self.Hl = per_rank(self.H, tp, "mamba_n_heads")  # this rank's heads
+        self.Gl = heads_per_rank(self.G, tp, "mamba_n_groups")  # this rank's groups (replicated if G < tp)
+        self.Il = self.Hl * self.P
+        self.conv_dim = self.Il + 2 * self.Gl * self.N  # this rank's conv channels [x, B, C]
         self.eps = config.rms_norm_eps
         # SSD chunk: prompts up to this length use one L x L log-space scan; longer ones are
         # chunked so the compiled L x L intermediates stay small (set ssd_chunk_size to override).
         self.chunk = int(getattr(config, "ssd_chunk_size", None) or min(config.mamba_chunk_size, 128))
         lo, hi = (float(v) for v in getattr(config, "time_step_limit", (0.0, float("inf"))))
         self.dt_limit = (lo, hi)
-        self.in_proj = ColumnParallelLinear(D, self.I + self.conv_dim + self.H, bias=config.mamba_proj_bias,
-                                            gather_output=True, dtype=dtype)
-        self.conv_weight = nn.Parameter(torch.zeros(self.conv_dim, self.K, dtype=dtype))  # (C, K)
-        self.conv_bias = nn.Parameter(torch.zeros(self.conv_dim, dtype=dtype)) if config.mamba_conv_bias else None
-        self.dt_bias = nn.Parameter(torch.zeros(self.H, dtype=dtype))
-        self.A_log = nn.Parameter(torch.zeros(self.H, dtype=dtype))
-        self.D = nn.Parameter(torch.zeros(self.H, dtype=dtype))
-        self.norm_weight = nn.Parameter(torch.ones(self.I, dtype=dtype))
-        self.out_proj = RowParallelLinear(self.I, D, bias=config.mamba_proj_bias, input_is_parallel=False,
+        # in_proj rank-major: rank r's piece is [z_r, x_r, B_r, C_r, dt_r] (weight conversion lays it out)
+        self.in_proj = ColumnParallelLinear(D, tp * (self.Il + self.conv_dim + self.Hl), bias=config.mamba_proj_bias,
+                                            gather_output=False, dtype=dtype)
+        self.conv_weight = ShardedWeight((tp * self.conv_dim, self.K), tp, dtype)  # (C, K) rank-major
+        self.conv_bias = ShardedWeight((tp * self.conv_dim,), tp, dtype) if config.mamba_conv_bias else None
+        self.dt_bias = ShardedWeight((self.H,), tp, dtype)
+        self.A_log = ShardedWeight((self.H,), tp, dtype)
+        self.D = ShardedWeight((self.H,), tp, dtype)
+        self.norm_weight = ShardedWeight((self.I,), tp, dtype, fill=1.0)
+        self.out_proj = RowParallelLinear(self.I, D, bias=config.mamba_proj_bias, input_is_parallel=True,
                                           dtype=dtype)
 
     def state_shapes(self, slots: int):
-        return [((slots, self.conv_dim, self.K - 1), None, "conv"), ((slots, self.H, self.P, self.N), torch.float32, "ssm")]
+        return [((slots, self.conv_dim, self.K - 1), None, "conv"),
+                ((slots, self.Hl, self.P, self.N), torch.float32, "ssm")]
+
+    def gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """w * norm(y * silu(z)) over all I channels (transformers' norm_before_gate=False, one group):
+        at TP > 1 each rank holds I/tp of them, so the sum of squares is reduced over the ranks."""
+        if self.tp == 1:
+            return rms_norm_gated(y, z, self.norm_weight.weight, self.eps)
+        h = y.float() * F.silu(z.float())  # (B, L, Il)
+        mean_sq = reduce_sum(h.pow(2).sum(-1, keepdim=True), self.tp) / self.I
+        return (self.norm_weight.weight.float() * h * torch.rsqrt(mean_sq + self.eps)).type_as(y)
 
     def forward(self, x, valid, seq_ids, states, is_prefill):
-        """x: (B, L, D); valid: (B, L) 1 on real tokens; states: [conv (slots,C,K-1), ssm (slots,H,P,N)]."""
+        """x: (B, L, D); valid: (B, L) 1 on real tokens; states: [conv (slots,C,K-1), ssm (slots,Hl,P,N)]."""
         conv_all, ssm_all = states
         Bsz, L, _ = x.shape
-        z, xBC, dt = self.in_proj(x).split([self.I, self.conv_dim, self.H], -1)
+        z, xBC, dt = self.in_proj(x).split([self.Il, self.conv_dim, self.Hl], -1)
         conv_state = read_slots(conv_all, seq_ids)  # (B, C, K-1)
         if is_prefill:
             conv_state = torch.zeros_like(conv_state)  # a prefill starts a fresh sequence
-        xBC_conv = F.silu(causal_conv(xBC, conv_state, self.conv_weight, self.conv_bias))  # (B, L, C)
+        conv_bias = None if self.conv_bias is None else self.conv_bias.weight
+        xBC_conv = F.silu(causal_conv(xBC, conv_state, self.conv_weight.weight, conv_bias))  # (B, L, C)
         new_conv = next_conv_state(xBC, conv_state, valid.long().sum(-1))  # (B, C, K-1)
 
-        xs, Bm, Cm = xBC_conv.split([self.I, self.G * self.N, self.G * self.N], -1)
-        xs = xs.reshape(Bsz, L, self.H, self.P)
-        Bm = Bm.reshape(Bsz, L, self.G, self.N).repeat_interleave(self.H // self.G, 2)  # (B, L, H, N)
-        Cm = Cm.reshape(Bsz, L, self.G, self.N).repeat_interleave(self.H // self.G, 2)
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, L, H)
+        xs, Bm, Cm = xBC_conv.split([self.Il, self.Gl * self.N, self.Gl * self.N], -1)
+        xs = xs.reshape(Bsz, L, self.Hl, self.P)
+        Bm = Bm.reshape(Bsz, L, self.Gl, self.N).repeat_interleave(self.Hl // self.Gl, 2)  # (B, L, Hl, N)
+        Cm = Cm.reshape(Bsz, L, self.Gl, self.N).repeat_interleave(self.Hl // self.Gl, 2)
+        dt = F.softplus(dt.float() + self.dt_bias.weight.float())  # (B, L, Hl)
         if self.dt_limit != (0.0, float("inf")):
             dt = dt.clamp(*self.dt_limit)
         dt = dt * valid[..., None].float()  # padding: no decay, no input
-        A = -torch.exp(self.A_log.float())  # (H,)
+        A = -torch.exp(self.A_log.weight.float())  # (Hl,)
 
         if is_prefill:
             y, ssm = ssd_chunked(xs, dt, A, Bm, Cm, self.chunk)  # (B, L, H, P), (B, H, P, N)
         else:
             y, ssm = ssd_step(read_slots(ssm_all, seq_ids), xs[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0])
             y = y[:, None]  # (B, 1, H, P)
-        y = y + self.D.float()[:, None] * xs.float()
-        y = rms_norm_gated(y.reshape(Bsz, L, self.I).to(x.dtype), z, self.norm_weight, self.eps)
+        y = y + self.D.weight.float()[:, None] * xs.float()
+        y = self.gated_norm(y.reshape(Bsz, L, self.Il).to(x.dtype), z)
         return self.out_proj(y), [write_slots(conv_all, seq_ids, new_conv), write_slots(ssm_all, seq_ids, ssm)]
 
 
@@ -105,17 +127,18 @@ class GraniteAttention(nn.Module):
 
     def __init__(self, config, dtype: torch.dtype) -> None:
         super().__init__()
-        D = config.hidden_size
-        self.Hq, self.Hkv = config.num_attention_heads, config.num_key_value_heads
-        self.hd = D // self.Hq
+        D, tp = config.hidden_size, tp_degree(config)
+        self.hd = D // config.num_attention_heads
+        self.Hq = per_rank(config.num_attention_heads, tp, "num_attention_heads")  # this rank's heads
+        self.Hkv = heads_per_rank(config.num_key_value_heads, tp, "num_key_value_heads")
         self.scale = config.attention_multiplier
         self.rope_theta = (float(getattr(config, "rope_theta", None) or 10000.0)
                            if getattr(config, "position_embedding_type", "nope") == "rope" else None)
         bias = config.attention_bias
-        self.q_proj = ColumnParallelLinear(D, self.Hq * self.hd, bias=bias, gather_output=False, dtype=dtype)
-        self.k_proj = ColumnParallelLinear(D, self.Hkv * self.hd, bias=bias, gather_output=False, dtype=dtype)
-        self.v_proj = ColumnParallelLinear(D, self.Hkv * self.hd, bias=bias, gather_output=False, dtype=dtype)
-        self.o_proj = RowParallelLinear(self.Hq * self.hd, D, bias=bias, input_is_parallel=True, dtype=dtype)
+        self.q_proj = ColumnParallelLinear(D, tp * self.Hq * self.hd, bias=bias, gather_output=False, dtype=dtype)
+        self.k_proj = ColumnParallelLinear(D, tp * self.Hkv * self.hd, bias=bias, gather_output=False, dtype=dtype)
+        self.v_proj = ColumnParallelLinear(D, tp * self.Hkv * self.hd, bias=bias, gather_output=False, dtype=dtype)
+        self.o_proj = RowParallelLinear(tp * self.Hq * self.hd, D, bias=bias, input_is_parallel=True, dtype=dtype)
 
     def state_shapes(self, slots: int, seq_len: int):
         shape = (slots, self.Hkv, seq_len, self.hd)
@@ -135,27 +158,21 @@ class GraniteAttention(nn.Module):
 
 
 class GraniteMoE(nn.Module):
-    """Top-k routed experts (softmax over the chosen k) plus an always-on shared MLP."""
+    """Top-k routed experts (softmax over the chosen k) plus an always-on shared SwiGLU MLP."""
 
     def __init__(self, config, dtype: torch.dtype) -> None:
         super().__init__()
         D, E, I = config.hidden_size, config.num_local_experts, config.intermediate_size
         self.top_k = config.num_experts_per_tok
-        self.router = nn.Parameter(torch.zeros(E, D, dtype=dtype))  # (E, D)
-        self.gate_up = nn.Parameter(torch.zeros(E, 2 * I, D, dtype=dtype))  # (E, 2I, D)
-        self.down = nn.Parameter(torch.zeros(E, D, I, dtype=dtype))  # (E, D, I)
-        Is = config.shared_intermediate_size
-        self.shared_gate_up = ColumnParallelLinear(D, 2 * Is, bias=False, gather_output=True, dtype=dtype)
-        self.shared_down = RowParallelLinear(Is, D, bias=False, input_is_parallel=False, dtype=dtype)
+        self.router = nn.Parameter(torch.zeros(E, D, dtype=dtype))  # (E, D), replicated
+        self.experts = RoutedExperts(config, E, D, I, self.top_k, "silu", dtype)
+        self.shared = GluMLP(config, D, config.shared_intermediate_size, "silu", dtype)
 
     def forward(self, x):
         B, L, D = x.shape
         t = x.reshape(-1, D)  # (T, D)
-        routed = routed_experts(t, F.linear(t, self.router), self.gate_up, self.down, self.top_k,
-                                normalize=True)
-        g, u = self.shared_gate_up(t).chunk(2, -1)
-        shared = self.shared_down(F.silu(g) * u)
-        return (routed + shared).view(B, L, D)
+        affinities, index = top_k_affinities(F.linear(t, self.router), self.top_k)  # (T, E), (T, k)
+        return (self.experts(t, affinities, index, L) + self.shared(t)).view(B, L, D)
 
 
 class GraniteDecoderLayer(nn.Module):
@@ -211,27 +228,57 @@ class NeuronGraniteMoeHybridForCausalLM(PortForCausalLM):
 
     @staticmethod
     def convert_hf_to_neuron_state_dict(state_dict: dict, config) -> dict:
-        """HF Granite checkpoint keys (``model.`` prefix already stripped) -> this port's keys."""
-        out = {}
-        renames = {
-            "mamba.in_proj.": "mixer.in_proj.", "mamba.out_proj.": "mixer.out_proj.",
-            "mamba.dt_bias": "mixer.dt_bias", "mamba.A_log": "mixer.A_log", "mamba.D": "mixer.D",
-            "mamba.norm.weight": "mixer.norm_weight", "mamba.conv1d.bias": "mixer.conv_bias",
-            "self_attn.": "mixer.",
-            "block_sparse_moe.router.layer.weight": "moe.router",
-            "block_sparse_moe.input_linear.weight": "moe.gate_up",
-            "block_sparse_moe.output_linear.weight": "moe.down",
-            "shared_mlp.input_linear.": "moe.shared_gate_up.",
-            "shared_mlp.output_linear.": "moe.shared_down.",
-        }
-        for key, value in state_dict.items():
-            new = key
-            if key.endswith("mamba.conv1d.weight"):
-                new, value = key.replace("mamba.conv1d.weight", "mixer.conv_weight"), value[:, 0]  # (C, K)
+        """HF Granite checkpoint keys (``model.`` prefix already stripped) -> this port's keys, every
+        tensor-parallel tensor laid out rank-major for ``tp_degree`` (see ``tp.py``)."""
+        tp = tp_degree(config)
+        H, P, G, N = config.mamba_n_heads, config.mamba_d_head, config.mamba_n_groups, config.mamba_d_state
+        I = H * P
+        hd = config.hidden_size // config.num_attention_heads
+        sd, out = dict(state_dict), {}
+
+        def mamba_channels(t, with_z_dt: bool):
+            """Split [z?, x, B, C, dt?] rows and lay them out rank-major per head / group."""
+            sizes = ([I] if with_z_dt else []) + [I, G * N, G * N] + ([H] if with_z_dt else [])
+            parts = list(t.split(sizes, 0))
+            heads = [(H, P, "mamba_n_heads")] * (1 if with_z_dt else 0) + [
+                (H, P, "mamba_n_heads"), (G, N, "mamba_n_groups"), (G, N, "mamba_n_groups")] + \
+                [(H, 1, "mamba_n_heads")] * (1 if with_z_dt else 0)
+            return shard_fused([(w, n, d, name) for w, (n, d, name) in zip(parts, heads)], tp)
+
+        for i, kind in enumerate(config.layer_types):
+            p = f"layers.{i}."
+            if kind != "full_attention":
+                m, o = p + "mamba.", p + "mixer."
+                for b in ("weight", "bias"):
+                    if m + "in_proj." + b in sd:
+                        out[o + "in_proj." + b] = mamba_channels(sd.pop(m + "in_proj." + b), True)
+                out[o + "conv_weight.weight"] = mamba_channels(sd.pop(m + "conv1d.weight")[:, 0], False)  # (C, K)
+                if m + "conv1d.bias" in sd:
+                    out[o + "conv_bias.weight"] = mamba_channels(sd.pop(m + "conv1d.bias"), False)
+                for name in ("dt_bias", "A_log", "D"):
+                    out[o + name + ".weight"] = shard_heads(sd.pop(m + name), H, 1, tp, "mamba_n_heads")
+                out[o + "norm_weight.weight"] = shard_heads(sd.pop(m + "norm.weight"), H, P, tp, "mamba_n_heads")
+                for b in ("weight", "bias"):
+                    if m + "out_proj." + b in sd:
+                        out[o + "out_proj." + b] = sd.pop(m + "out_proj." + b)
             else:
-                for old, rep in renames.items():
-                    if old in key:
-                        new = key.replace(old, rep)
-                        break
-            out[new] = value
+                a, o = p + "self_attn.", p + "mixer."
+                for proj, n, name in (("q_proj", config.num_attention_heads, "num_attention_heads"),
+                                      ("k_proj", config.num_key_value_heads, "num_key_value_heads"),
+                                      ("v_proj", config.num_key_value_heads, "num_key_value_heads")):
+                    for b in ("weight", "bias"):
+                        if a + f"{proj}.{b}" in sd:
+                            out[o + f"{proj}.{b}"] = shard_heads(sd.pop(a + f"{proj}.{b}"), n, hd, tp, name)
+                for b in ("weight", "bias"):
+                    if a + "o_proj." + b in sd:
+                        out[o + "o_proj." + b] = sd.pop(a + "o_proj." + b)
+            moe = p + "block_sparse_moe."
+            out[p + "moe.router"] = sd.pop(moe + "router.layer.weight")
+            gate_up, down = from_fused_hf(sd.pop(moe + "input_linear.weight"), sd.pop(moe + "output_linear.weight"))
+            out[p + "moe.experts.experts.mlp_op.gate_up_proj.weight"] = gate_up  # (E, D, 2I)
+            out[p + "moe.experts.experts.mlp_op.down_proj.weight"] = down  # (E, I, D)
+            g, u = sd.pop(p + "shared_mlp.input_linear.weight").chunk(2, 0)
+            out[p + "moe.shared.gate_up.weight"] = shard_glu(g, u, tp)
+            out[p + "moe.shared.down.weight"] = sd.pop(p + "shared_mlp.output_linear.weight")
+        out.update(sd)  # norms, embeddings, lm_head
         return out

@@ -14,13 +14,14 @@ from torch import nn
 
 from vllm_hybrid_neuron.neuron import base
 from vllm_hybrid_neuron.neuron.common import last_valid_index
+from vllm_hybrid_neuron.neuron.tp import require_nxd_for_tp
 
 
 def check_hybrid_neuron_config(config) -> None:
     """Reject NxDI features the hybrid ports do not implement (instead of computing garbage)."""
     nc = config.neuron_config
+    require_nxd_for_tp(nc.tp_degree, type(config).__name__)
     unsupported = {
-        "tp_degree > 1 (head-sharded Mamba/GDN splits not written)": nc.tp_degree > 1,
         "speculation (recurrent state cannot roll back rejected tokens)":
             nc.speculation_length > 0 or nc.enable_fused_speculation,
         "block KV layout / prefix caching / chunked prefill":

@@ -14,9 +14,10 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def _nxd(name: str):
+def _nxd(module: str, name: str):
+    """``neuronx_distributed.<module>.<name>``, or None when neuronx-distributed is not importable."""
     try:
-        return getattr(importlib.import_module("neuronx_distributed.parallel_layers.layers"), name)
+        return getattr(importlib.import_module(f"neuronx_distributed.{module}"), name)
     except ImportError:
         return None
 
@@ -45,8 +46,19 @@ class _ParallelEmbedding(nn.Embedding):
         return F.embedding(input_ids, self.weight)
 
 
-HAS_NXD = _nxd("ColumnParallelLinear") is not None
+HAS_NXD = _nxd("parallel_layers.layers", "ColumnParallelLinear") is not None
 
-ColumnParallelLinear = _nxd("ColumnParallelLinear") or _ColumnParallelLinear
-RowParallelLinear = _nxd("RowParallelLinear") or _RowParallelLinear
-ParallelEmbedding = _nxd("ParallelEmbedding") or _ParallelEmbedding
+# Parameters outside linear layers that NxD must shard (tp.ShardedWeight) live in a subclass of
+# NxD's BaseParallelLinear: get_sharded_checkpoint only cuts tensors of its parallel layer types.
+BaseParallelLayer = _nxd("parallel_layers.layers", "BaseParallelLinear") or nn.Module
+
+
+def set_parallel_attributes(param: nn.Parameter, dim: int, num_partitions: int, stride: int = 1) -> None:
+    """Mark param as split along dim into num_partitions pieces (NxD's sharding attributes); with
+    stride s each piece is the concatenation of its share of s equal parts (gate | up)."""
+    _nxd("parallel_layers.utils", "set_tensor_model_parallel_attributes")(
+        param, is_parallel=True, dim=dim, stride=stride, num_partitions=num_partitions)
+
+ColumnParallelLinear = _nxd("parallel_layers.layers", "ColumnParallelLinear") or _ColumnParallelLinear
+RowParallelLinear = _nxd("parallel_layers.layers", "RowParallelLinear") or _RowParallelLinear
+ParallelEmbedding = _nxd("parallel_layers.layers", "ParallelEmbedding") or _ParallelEmbedding

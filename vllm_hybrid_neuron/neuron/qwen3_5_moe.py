@@ -15,11 +15,12 @@ from torch.nn import functional as F
 from vllm_hybrid_neuron.neuron import base
 from vllm_hybrid_neuron.neuron.gdn import chunk_gated_delta_rule, gated_delta_rule
 from vllm_hybrid_neuron.neuron.common import (
-    RMSNorm, apply_partial_rope, attention_with_cache, read_slots, rope_cos_sin, routed_experts,
-    write_slots,
+    RMSNorm, apply_partial_rope, attention_with_cache, read_slots, rope_cos_sin, write_slots,
 )
 from vllm_hybrid_neuron.neuron.hybrid import HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config, flatten_text_config
 from vllm_hybrid_neuron.neuron.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from vllm_hybrid_neuron.neuron.moe import GluMLP, RoutedExperts, shard_glu, stack_experts, top_k_affinities
+from vllm_hybrid_neuron.neuron.tp import ShardedWeight, heads_per_rank, per_rank, shard_fused, shard_heads, tp_degree
 from vllm_hybrid_neuron.neuron.ssd import causal_conv, next_conv_state
 
 
@@ -52,8 +53,10 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 class GatedDeltaNet(nn.Module):
     def __init__(self, config, dtype: torch.dtype) -> None:
         super().__init__()
-        D = config.hidden_size
-        self.Hk, self.Hv = config.linear_num_key_heads, config.linear_num_value_heads
+        D, tp = config.hidden_size, tp_degree(config)
+        # this rank's heads: Hv/tp value heads and the key heads they read (replicated if Hk < tp)
+        self.Hk = heads_per_rank(config.linear_num_key_heads, tp, "linear_num_key_heads")
+        self.Hv = per_rank(config.linear_num_value_heads, tp, "linear_num_value_heads")
         self.Dk, self.Dv = config.linear_key_head_dim, config.linear_value_head_dim
         self.K = config.linear_conv_kernel_dim
         self.key_dim, self.value_dim = self.Hk * self.Dk, self.Hv * self.Dv
@@ -61,15 +64,16 @@ class GatedDeltaNet(nn.Module):
         self.eps = config.rms_norm_eps
         # Prefill runs the chunked WY form with this chunk (decode: one recurrence step).
         self.chunk = int(getattr(config, "gdn_chunk_size", None) or 64)
-        self.in_proj_qkv = ColumnParallelLinear(D, self.conv_dim, bias=False, gather_output=True, dtype=dtype)
-        self.in_proj_z = ColumnParallelLinear(D, self.value_dim, bias=False, gather_output=True, dtype=dtype)
-        self.in_proj_b = ColumnParallelLinear(D, self.Hv, bias=False, gather_output=True, dtype=dtype)
-        self.in_proj_a = ColumnParallelLinear(D, self.Hv, bias=False, gather_output=True, dtype=dtype)
-        self.conv_weight = nn.Parameter(torch.zeros(self.conv_dim, self.K, dtype=dtype))  # (C, K)
-        self.dt_bias = nn.Parameter(torch.zeros(self.Hv, dtype=dtype))
-        self.A_log = nn.Parameter(torch.zeros(self.Hv, dtype=dtype))
-        self.norm_weight = nn.Parameter(torch.ones(self.Dv, dtype=dtype))
-        self.out_proj = RowParallelLinear(self.value_dim, D, bias=False, input_is_parallel=False, dtype=dtype)
+        # in_proj_qkv and the conv rank-major: rank r's piece is [q_r, k_r, v_r]
+        self.in_proj_qkv = ColumnParallelLinear(D, tp * self.conv_dim, bias=False, gather_output=False, dtype=dtype)
+        self.in_proj_z = ColumnParallelLinear(D, tp * self.value_dim, bias=False, gather_output=False, dtype=dtype)
+        self.in_proj_b = ColumnParallelLinear(D, tp * self.Hv, bias=False, gather_output=False, dtype=dtype)
+        self.in_proj_a = ColumnParallelLinear(D, tp * self.Hv, bias=False, gather_output=False, dtype=dtype)
+        self.conv_weight = ShardedWeight((tp * self.conv_dim, self.K), tp, dtype)  # (C, K)
+        self.dt_bias = ShardedWeight((tp * self.Hv,), tp, dtype)
+        self.A_log = ShardedWeight((tp * self.Hv,), tp, dtype)
+        self.norm_weight = nn.Parameter(torch.ones(self.Dv, dtype=dtype))  # per head dim: replicated
+        self.out_proj = RowParallelLinear(tp * self.value_dim, D, bias=False, input_is_parallel=True, dtype=dtype)
 
     def state_shapes(self, slots: int):
         return [((slots, self.conv_dim, self.K - 1), None, "conv"),
@@ -86,7 +90,7 @@ class GatedDeltaNet(nn.Module):
         if is_prefill:  # a prefill starts a fresh sequence
             conv_state, rec = torch.zeros_like(conv_state), torch.zeros_like(rec)
         new_conv = next_conv_state(qkv, conv_state, valid.long().sum(-1))  # last K-1 valid inputs
-        qkv = F.silu(causal_conv(qkv, conv_state, self.conv_weight, None))  # (B, L, C)
+        qkv = F.silu(causal_conv(qkv, conv_state, self.conv_weight.weight, None))  # (B, L, C)
 
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], -1)
         rep = self.Hv // self.Hk
@@ -95,7 +99,7 @@ class GatedDeltaNet(nn.Module):
         v = v.float().view(B, L, self.Hv, self.Dv)
         k, v = k * m[..., None].float(), v * m[..., None].float()  # padding: no write (the conv leaks into it)
         beta = torch.sigmoid(self.in_proj_b(x).float()) * m.float()  # (B, L, Hv); 0 on padding
-        g = -torch.exp(self.A_log.float()) * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        g = -torch.exp(self.A_log.weight.float()) * F.softplus(self.in_proj_a(x).float() + self.dt_bias.weight.float())
         g = g * m.float()  # padding: no decay
 
         if is_prefill:
@@ -113,15 +117,17 @@ class GatedAttention(nn.Module):
 
     def __init__(self, config, dtype: torch.dtype) -> None:
         super().__init__()
-        D = config.hidden_size
-        self.Hq, self.Hkv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        D, tp = config.hidden_size, tp_degree(config)
+        self.Hq = per_rank(config.num_attention_heads, tp, "num_attention_heads")  # this rank's heads
+        self.Hkv = heads_per_rank(config.num_key_value_heads, tp, "num_key_value_heads")
+        self.hd = config.head_dim
         self.rot_dim = int(self.hd * config.partial_rotary_factor)
         self.theta = config.rope_theta
         bias = getattr(config, "attention_bias", False)
-        self.q_proj = ColumnParallelLinear(D, 2 * self.Hq * self.hd, bias=bias, gather_output=False, dtype=dtype)
-        self.k_proj = ColumnParallelLinear(D, self.Hkv * self.hd, bias=bias, gather_output=False, dtype=dtype)
-        self.v_proj = ColumnParallelLinear(D, self.Hkv * self.hd, bias=bias, gather_output=False, dtype=dtype)
-        self.o_proj = RowParallelLinear(self.Hq * self.hd, D, bias=bias, input_is_parallel=True, dtype=dtype)
+        self.q_proj = ColumnParallelLinear(D, tp * 2 * self.Hq * self.hd, bias=bias, gather_output=False, dtype=dtype)
+        self.k_proj = ColumnParallelLinear(D, tp * self.Hkv * self.hd, bias=bias, gather_output=False, dtype=dtype)
+        self.v_proj = ColumnParallelLinear(D, tp * self.Hkv * self.hd, bias=bias, gather_output=False, dtype=dtype)
+        self.o_proj = RowParallelLinear(tp * self.Hq * self.hd, D, bias=bias, input_is_parallel=True, dtype=dtype)
         self.q_norm = RMSNorm(self.hd, config.rms_norm_eps, offset=1.0)
         self.k_norm = RMSNorm(self.hd, config.rms_norm_eps, offset=1.0)
 
@@ -149,23 +155,18 @@ class Qwen3_5MoE(nn.Module):
     def __init__(self, config, dtype: torch.dtype) -> None:
         super().__init__()
         D, E, I = config.hidden_size, config.num_experts, config.moe_intermediate_size
-        Is = config.shared_expert_intermediate_size
         self.top_k = config.num_experts_per_tok
-        self.router = nn.Parameter(torch.zeros(E, D, dtype=dtype))  # (E, D)
-        self.gate_up = nn.Parameter(torch.zeros(E, 2 * I, D, dtype=dtype))  # (E, 2I, D)
-        self.down = nn.Parameter(torch.zeros(E, D, I, dtype=dtype))  # (E, D, I)
-        self.shared_gate_up = ColumnParallelLinear(D, 2 * Is, bias=False, gather_output=True, dtype=dtype)
-        self.shared_down = RowParallelLinear(Is, D, bias=False, input_is_parallel=False, dtype=dtype)
-        self.shared_expert_gate = nn.Parameter(torch.zeros(1, D, dtype=dtype))  # (1, D)
+        self.router = nn.Parameter(torch.zeros(E, D, dtype=dtype))  # (E, D), replicated
+        self.experts = RoutedExperts(config, E, D, I, self.top_k, "silu", dtype)
+        self.shared = GluMLP(config, D, config.shared_expert_intermediate_size, "silu", dtype)
+        self.shared_expert_gate = nn.Parameter(torch.zeros(1, D, dtype=dtype))  # (1, D), replicated
 
     def forward(self, x):
         B, L, D = x.shape
         t = x.reshape(-1, D)  # (T, D)
-        routed = routed_experts(t, F.linear(t, self.router), self.gate_up, self.down, self.top_k,
-                                normalize=True)
-        g, u = self.shared_gate_up(t).chunk(2, -1)
-        shared = torch.sigmoid(F.linear(t, self.shared_expert_gate)) * self.shared_down(F.silu(g) * u)
-        return (routed + shared).view(B, L, D)
+        affinities, index = top_k_affinities(F.linear(t, self.router), self.top_k)  # (T, E), (T, k)
+        shared = torch.sigmoid(F.linear(t, self.shared_expert_gate)) * self.shared(t)
+        return (self.experts(t, affinities, index, L) + shared).view(B, L, D)
 
 
 class Qwen3_5DecoderLayer(nn.Module):
@@ -217,26 +218,56 @@ class NeuronQwen3_5MoeForCausalLM(PortForCausalLM):
 
     @staticmethod
     def convert_hf_to_neuron_state_dict(state_dict: dict, config) -> dict:
-        """HF keys ("model." stripped; ConditionalGeneration's "language_model." too) -> port keys.
-        Per-expert gate/up/down are stacked into (E, 2I, D) and (E, D, I)."""
+        """HF keys ("model." stripped; ConditionalGeneration's "language_model." too) -> port keys,
+        tensor-parallel tensors rank-major for ``tp_degree`` (see ``tp.py``). Per-expert gate/up/down
+        are stacked into (E, D, 2I) [gate | up] and (E, I, D)."""
+        tp = tp_degree(config)
+        Hk, Hv = config.linear_num_key_heads, config.linear_num_value_heads
+        Dk, Dv = config.linear_key_head_dim, config.linear_value_head_dim
+        Hq, Hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         sd = {k.replace("language_model.", "", 1): v for k, v in state_dict.items()
               if not k.startswith(("visual.", "model.visual.", "mtp."))}
         out = {}
+
+        def qkv_channels(t):
+            q, k, v = t.split([Hk * Dk, Hk * Dk, Hv * Dv], 0)
+            return shard_fused([(q, Hk, Dk, "linear_num_key_heads"), (k, Hk, Dk, "linear_num_key_heads"),
+                                (v, Hv, Dv, "linear_num_value_heads")], tp)
+
         for i in range(config.num_hidden_layers):
             p = f"layers.{i}."
             e = [f"{p}mlp.experts.{j}." for j in range(config.num_experts)]
-            out[p + "moe.gate_up"] = torch.stack([torch.cat([sd.pop(x + "gate_proj.weight"),
-                                                             sd.pop(x + "up_proj.weight")]) for x in e])
-            out[p + "moe.down"] = torch.stack([sd.pop(x + "down_proj.weight") for x in e])
-            out[p + "moe.shared_gate_up.weight"] = torch.cat([sd.pop(p + "mlp.shared_expert.gate_proj.weight"),
-                                                              sd.pop(p + "mlp.shared_expert.up_proj.weight")])
+            gate_up, down = stack_experts([sd.pop(x + "gate_proj.weight") for x in e],
+                                          [sd.pop(x + "up_proj.weight") for x in e],
+                                          [sd.pop(x + "down_proj.weight") for x in e])
+            out[p + "moe.experts.experts.mlp_op.gate_up_proj.weight"] = gate_up  # (E, D, 2I)
+            out[p + "moe.experts.experts.mlp_op.down_proj.weight"] = down  # (E, I, D)
+            out[p + "moe.router"] = sd.pop(p + "mlp.gate.weight")
+            out[p + "moe.shared.gate_up.weight"] = shard_glu(sd.pop(p + "mlp.shared_expert.gate_proj.weight"),
+                                                             sd.pop(p + "mlp.shared_expert.up_proj.weight"), tp)
+            out[p + "moe.shared.down.weight"] = sd.pop(p + "mlp.shared_expert.down_proj.weight")
+            out[p + "moe.shared_expert_gate"] = sd.pop(p + "mlp.shared_expert_gate.weight")
             if config.layer_types[i] == "linear_attention":
-                out[p + "mixer.conv_weight"] = sd.pop(p + "linear_attn.conv1d.weight")[:, 0]  # (C, K)
-        renames = {"mlp.gate.weight": "moe.router", "mlp.shared_expert.down_proj.": "moe.shared_down.",
-                   "mlp.shared_expert_gate.weight": "moe.shared_expert_gate",
-                   "linear_attn.norm.weight": "mixer.norm_weight", "linear_attn.": "mixer.",
-                   "self_attn.": "mixer."}
-        for key, value in sd.items():
-            new = next((key.replace(o, r) for o, r in renames.items() if o in key), key)
-            out[new] = value
+                a, o = p + "linear_attn.", p + "mixer."
+                out[o + "in_proj_qkv.weight"] = qkv_channels(sd.pop(a + "in_proj_qkv.weight"))
+                out[o + "conv_weight.weight"] = qkv_channels(sd.pop(a + "conv1d.weight")[:, 0])  # (C, K)
+                out[o + "in_proj_z.weight"] = shard_heads(sd.pop(a + "in_proj_z.weight"), Hv, Dv, tp,
+                                                          "linear_num_value_heads")
+                for name in ("in_proj_b.weight", "in_proj_a.weight"):
+                    out[o + name] = shard_heads(sd.pop(a + name), Hv, 1, tp, "linear_num_value_heads")
+                for name in ("dt_bias", "A_log"):
+                    out[o + name + ".weight"] = shard_heads(sd.pop(a + name), Hv, 1, tp, "linear_num_value_heads")
+                out[o + "norm_weight"] = sd.pop(a + "norm.weight")
+                out[o + "out_proj.weight"] = sd.pop(a + "out_proj.weight")
+            else:
+                a, o = p + "self_attn.", p + "mixer."
+                for proj, n, d, name in (("q_proj", Hq, 2 * hd, "num_attention_heads"),
+                                         ("k_proj", Hkv, hd, "num_key_value_heads"),
+                                         ("v_proj", Hkv, hd, "num_key_value_heads")):
+                    for b in ("weight", "bias"):
+                        if a + f"{proj}.{b}" in sd:
+                            out[o + f"{proj}.{b}"] = shard_heads(sd.pop(a + f"{proj}.{b}"), n, d, tp, name)
+                for key in [k for k in sd if k.startswith(a)]:  # o_proj, q_norm, k_norm
+                    out[o + key[len(a):]] = sd.pop(key)
+        out.update(sd)  # norms, embeddings, lm_head
         return out
