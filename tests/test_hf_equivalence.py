@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from helpers import MARGIN, check_against_hf, hf_model, prompt_ids, run_vllm
 
@@ -29,8 +30,14 @@ def test_greedy_matches_transformers(tiny_model_dir, family, dtype, served_class
                       env={"VLLM_HYBRID_NEURON_MOE": moe})
     assert result["served_classes"] == [served_class]
     assert "vllm-hybrid-neuron" in result["log"] and "backend=cpu" in result["log"]
-    # The routed experts run where chosen: vLLM's kernel by default, the plugin's op on request.
-    assert (result["plugin_op_counts"][0].get("moe_experts", 0) > 0) == (moe == "plugin")
+    # The routed experts run where chosen: vLLM's kernel by default, the plugin's op on request
+    # wherever vLLM would run its portable kernel; on AMX CPUs vLLM's bf16 experts use its AMX
+    # grouped GEMM, which the plugin keeps (and says so).
+    amx_experts = dtype == "bfloat16" and torch.cpu._is_amx_tile_supported()
+    uses_op = result["plugin_op_counts"][0].get("moe_experts", 0) > 0
+    assert uses_op == (moe == "plugin" and not amx_experts)
+    if moe == "plugin" and amx_experts:
+        assert "vLLM's kernel kept for X86CPUUnquantizedExperts" in result["log"]
 
     outputs = result["rounds"][0]["outputs"]
     # A model stuck on one token would agree with anything: demand varied output.

@@ -20,9 +20,11 @@ pytestmark = pytest.mark.skipif(
     reason="real-NxDI harness: set NXDI_SRC and NXD_SRC (scripts/fetch_neuron_sources.sh prints them)")
 
 
-def _run(module: str, *args: str, port: int) -> dict:
-    env = dict(os.environ, MASTER_PORT=str(port), PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+def _run(module: str, *args: str, port: int, tp: int = 1, env: dict | None = None) -> dict:
+    env = dict(os.environ, MASTER_PORT=str(port), PYTHONPATH=str(REPO), **(env or {}))
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(tp),
+                "--master-port", str(port)] if tp > 1 else []
+    proc = subprocess.run([sys.executable, *launcher, "-m", module, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -38,9 +40,28 @@ def test_ports_bind_to_real_nxdi_classes():
                 "neuronx_distributed_inference.models.model_base.NeuronBaseForCausalLM"} <= bases, family
 
 
-@pytest.mark.parametrize("family", ["granite", "qwen3_5", "gemma4"])
-def test_prefill_and_decode_through_nxdi_match_transformers(family, checkpoint):
+FAMILIES = ["granite", "qwen3_5", "gemma4"]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_and_decode_through_nxdi_match_transformers(family, tp, checkpoint):
+    """TP=2 and 4 run one process per rank (torchrun, gloo): NxD shards the converted checkpoint,
+    its parallel layers and collectives run for real. The tiny models have 2 KV heads, 2 Mamba2
+    groups, 2 GDN key heads and 1 Gemma 4 global KV head, so TP=4 exercises head replication."""
     got = _run("tests.neuron.nxdi_cpu.run_family", family, checkpoint(family), "4",
-               port=29621 + ["granite", "qwen3_5", "gemma4"].index(family))
+               port=29621 + 3 * FAMILIES.index(family) + [1, 2, 4].index(tp), tp=tp)
+    assert got["tp"] == tp
     assert got["tokens_equal"], got
     assert got["max_logit_diff"] < 1e-4, got  # fp32 on both sides; measured <= 8.3e-6 (gemma4)
+
+
+@pytest.mark.parametrize("family,mistake", [("granite", "fused-concat"), ("qwen3_5", "fused-concat"),
+                                            ("granite", "norm-local")])
+def test_tp_check_fails_on_a_wrong_layout(family, mistake, checkpoint):
+    """The check above can fail: a fused projection not laid out rank-major, or Granite's gated norm
+    not reduced over ranks, moves TP=2 logits far past its bound (measured 1.05 / 0.067 / 0.20)."""
+    got = _run("tests.neuron.nxdi_cpu.run_family", family, checkpoint(family), "4",
+               port=29640 + ["fused-concat", "norm-local"].index(mistake) * 3 + FAMILIES.index(family),
+               tp=2, env={"HARNESS_BREAK": mistake})
+    assert got["max_logit_diff"] > 1e-2, got

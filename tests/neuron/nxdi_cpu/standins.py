@@ -5,6 +5,7 @@ Stubbed (every submodule fabricated on import, every attribute a permissive ``St
     boto3, botocore, tenacity (training-only imports of neuronx_distributed)
 Given real behaviour:
     torch_neuronx.utils.get_platform_target() -> "trn2"
+    torch_xla.core.xla_model.REDUCE_SUM / _MAX / ... -> their string values ("sum", "max", ...)
     nki.jit / neuronxcc.nki.jit (and any stubbed decorator) return the function unchanged
 Nothing here computes: a stub called with a tensor raises, so a silent wrong result cannot come from it.
 """
@@ -61,7 +62,12 @@ def _get_platform_target() -> str:
     return "trn2"
 
 
+# torch_xla's reduce-type constants are plain strings; NxD keys its CPU-mode (gloo) reduce-op table
+# by them, so they must be stable values, not a fresh stub per attribute access.
+_XLA_REDUCE_TYPES = {f"REDUCE_{op.upper()}": op for op in ("sum", "mul", "and", "or", "min", "max")}
+
 OVERRIDES = {
+    "torch_xla.core.xla_model": _XLA_REDUCE_TYPES,
     "torch_neuronx.utils": {"get_platform_target": _get_platform_target},
     "torch_neuronx.utils.utils": {"get_platform_target": _get_platform_target},
 }
