@@ -127,31 +127,3 @@ def attention_with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     probs = torch.softmax(scores, -1).nan_to_num(0.0).to(q.dtype)  # fully padded rows -> 0
     out = probs @ values  # (B, Hq, L, D)
     return out, write_slots(k_cache, seq_ids, k_rows), write_slots(v_cache, seq_ids, v_rows)
-
-
-# --- routed experts --------------------------------------------------------------------------
-
-
-def routed_experts(x: torch.Tensor, router_logits: torch.Tensor, gate_up: torch.Tensor,
-                   down: torch.Tensor, top_k: int, normalize: bool, act=F.silu,
-                   expert_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Top-k MoE, computed densely over all experts (static shapes; zero weight if unrouted).
-
-    x: (T, D); router_logits: (T, E); gate_up: (E, 2I, D) [gate; up]; down: (E, D, I).
-    normalize=True: softmax over the chosen k logits; False: softmax over all, then pick k.
-    expert_scale: (E,) multiplies each chosen expert's weight after normalising (Gemma 4).
-    """
-    if normalize:
-        top_logits, top_idx = router_logits.float().topk(top_k, -1)  # (T, k)
-        top_w = torch.softmax(top_logits, -1)
-    else:
-        probs = torch.softmax(router_logits.float(), -1)
-        top_w, top_idx = probs.topk(top_k, -1)
-    weights = torch.zeros_like(router_logits, dtype=torch.float32).scatter(1, top_idx, top_w)  # (T, E)
-    if expert_scale is not None:
-        weights = weights * expert_scale.float()
-    gu = torch.einsum("td,eid->tei", x, gate_up)  # (T, E, 2I)
-    g, u = gu.chunk(2, -1)
-    h = act(g) * u  # (T, E, I)
-    y = torch.einsum("tei,edi->ted", h, down)  # (T, E, D)
-    return torch.einsum("ted,te->td", y.float(), weights).type_as(x)

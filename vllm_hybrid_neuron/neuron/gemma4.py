@@ -215,15 +215,18 @@ class Gemma4MoE(nn.Module):
         D, E, I = config.hidden_size, config.num_experts, config.moe_intermediate_size
         self.top_k, self.eps = config.top_k_experts, config.rms_norm_eps
         self.router = nn.Parameter(torch.zeros(E, D, dtype=dtype))  # (E, D), replicated
-        self.router_scale = nn.Parameter(torch.ones(D, dtype=dtype))  # (D,)
-        self.expert_scale = nn.Parameter(torch.ones(E, dtype=dtype))  # (E,)
+        # HF router.scale / router.per_expert_scale. Not named "*scale": NxDI's load_module puts every
+        # parameter whose name ends in "scale" back to fp32 after its bf16 cast (for quantisation
+        # scales), and this one would then meet bf16 weights in the router's F.linear.
+        self.router_gain = nn.Parameter(torch.ones(D, dtype=dtype))  # (D,)
+        self.expert_gain = nn.Parameter(torch.ones(E, dtype=dtype))  # (E,)
         self.experts = RoutedExperts(config, E, D, I, self.top_k, config.hidden_activation, dtype)
 
     def forward(self, h, x):
         """h: (B, L, D) block input (routing); x: (B, L, D) normed expert input."""
         B, L, D = h.shape
-        r = rms_normalize(h.reshape(-1, D), self.eps) * self.router_scale * D ** -0.5  # (T, D)
-        affinities, index = top_k_affinities(F.linear(r, self.router), self.top_k, self.expert_scale)
+        r = rms_normalize(h.reshape(-1, D), self.eps) * self.router_gain * D ** -0.5  # (T, D)
+        affinities, index = top_k_affinities(F.linear(r, self.router), self.top_k, self.expert_gain)
         return self.experts(x.reshape(-1, D), affinities, index, L).view(B, L, D)
 
 
@@ -301,8 +304,8 @@ class NeuronGemma4ForCausalLM(PortForCausalLM):
                         out[key] = shard_heads(sd.pop(key), n, hd, tp, f"{proj} heads of layer {i}")
             if p + "router.proj.weight" in sd:
                 out[p + "moe.router"] = sd.pop(p + "router.proj.weight")
-                out[p + "moe.router_scale"] = sd.pop(p + "router.scale")
-                out[p + "moe.expert_scale"] = sd.pop(p + "router.per_expert_scale")
+                out[p + "moe.router_gain"] = sd.pop(p + "router.scale")
+                out[p + "moe.expert_gain"] = sd.pop(p + "router.per_expert_scale")
                 gate_up, down = from_fused_hf(sd.pop(p + "experts.gate_up_proj"), sd.pop(p + "experts.down_proj"))
                 out[p + "moe.experts.experts.mlp_op.gate_up_proj.weight"] = gate_up  # (E, D, 2I)
                 out[p + "moe.experts.experts.mlp_op.down_proj.weight"] = down  # (E, I, D)

@@ -73,15 +73,28 @@ class HybridModelMixin(nn.Module):
         Each tensor gets one spare row after the slots: padded batch rows write there
         (``common.slot_rows``), so they never change a real sequence's state.
         """
-        tensors, self.state_slices, self.state_kinds = [], [], []
+        tensors, self.state_slices, self.state_kinds, self.pinned_state_dtypes = [], [], [], []
         for shapes in per_layer:
             start = len(tensors)
             for shape, sdtype, kind in shapes:
                 shape = (shape[0] + 1, *shape[1:])  # slots + the spare row
                 tensors.append(nn.Parameter(torch.zeros(shape, dtype=sdtype or dtype), requires_grad=False))
                 self.state_kinds.append(kind)
+                self.pinned_state_dtypes.append(sdtype)
             self.state_slices.append((start, len(tensors)))
         self.past_key_values = nn.ParameterList(tensors)
+
+    def _apply(self, fn, recurse=True):
+        """States declared with their own dtype (the fp32 SSM / GDN recurrent states) keep it through
+        NxDI's whole-model cast: ``DecoderModelInstance.load_module`` (``cast_type="config"``) and
+        ``to_cpu`` (``.bfloat16()``) both go through ``_apply``, which would otherwise round them to bf16
+        (a recurrent state accumulates that rounding every step; docs/neuron.md has the measurement).
+        Device moves still apply; only the dtype is put back."""
+        super()._apply(fn, recurse)
+        for param, pinned in zip(getattr(self, "past_key_values", ()), getattr(self, "pinned_state_dtypes", ())):
+            if pinned is not None and param.dtype != pinned:
+                param.data = param.data.to(pinned)
+        return self
 
     def init_inference_optimization(self, config) -> None:
         # The hybrid state replaces NxDI's KVCacheManager. kv_mgr only exposes past_key_values (KV
