@@ -28,6 +28,11 @@ def check_hybrid_neuron_config(config) -> None:
             nc.is_block_kv_layout or nc.is_prefix_caching or nc.is_chunked_prefill,
         "left padding": nc.padding_side != "right",
         "sequence parallel": nc.sequence_parallel_enabled,
+        # outputs NxDI would expect between the logits and the states (alias offsets the ports do not emit)
+        "tensor capture (tensor_capture_config)": getattr(nc, "tensor_capture_config", None) is not None,
+        "LoRA (lora_config)": getattr(nc, "lora_config", None) is not None,
+        "output_logits without on-device sampling (logits are already the first output)":
+            bool(getattr(nc, "output_logits", False)) and nc.on_device_sampling_config is None,
     }
     bad = [what for what, on in unsupported.items() if on]
     if bad:
@@ -57,6 +62,7 @@ class HybridModelMixin(nn.Module):
     def setup_attr_for_model(self, config) -> None:
         nc = config.neuron_config
         self.on_device_sampling = nc.on_device_sampling_config is not None
+        self.output_logits = bool(getattr(nc, "output_logits", False))
         self.tp_degree = nc.tp_degree
         self.hidden_size = config.hidden_size
         self.num_attention_heads = config.num_attention_heads
@@ -120,8 +126,12 @@ class HybridModelMixin(nn.Module):
             idx = last_valid_index(valid)[:, None, None].expand(-1, 1, h.shape[-1])
             h = torch.gather(h, 1, idx)  # (B, 1, D)
         logits = self.logits(h)  # (B, 1 or L, V) fp32
-        res = logits if self.sampler is None else self.sampler(logits[:, -1, :], sampling_params).to(torch.int32)
-        return [res, *new_states]
+        if self.sampler is None:
+            return [logits, *new_states]
+        tokens = self.sampler(logits[:, -1, :], sampling_params).to(torch.int32)
+        # NxDI's output order: [tokens, logits if output_logits, *states]; DecoderModelInstance.get
+        # aliases past_key_values[i] to output (1 or 2) + i to match.
+        return [tokens, *([logits] if self.output_logits else []), *new_states]
 
 
 class PortForCausalLM(base.NeuronBaseForCausalLM):
