@@ -60,7 +60,22 @@ def main() -> None:
         on_cpu=True, tp_degree=tp, batch_size=2, seq_len=int(os.environ.get("HARNESS_SEQ_LEN", "64")), torch_dtype=dtype)
     config = app_class.get_config_cls()(neuron_config, load_config=base.load_pretrained_config(model_dir))
     app = app_class(model_dir, config)
-    app.to_cpu()
+    if dtype == torch.bfloat16 and tp > 1:
+        # NxDI's to_cpu refuses bf16 at TP > 1 ("gloo does not natively support bfloat16"); the
+        # torch here all-reduces bf16 over gloo. Build as fp32, then do what to_cpu does for bf16:
+        # .bfloat16() on the model (loading the fp32 checkpoint into bf16 parameters rounds it
+        # exactly as its checkpoint cast would; the port's _apply keeps the recurrent states fp32).
+        neuron_config.torch_dtype = torch.float32
+        app.to_cpu()
+        neuron_config.torch_dtype = dtype
+        for wrapper in app.models:
+            wrapper.model.bfloat16()
+            for module in wrapper.model.modules():  # NxD layers remember their build dtype (ParallelEmbedding
+                # casts its output to it at TP > 1): give them the one to_cpu would have built with
+                if type(module).__module__.startswith("neuronx_distributed") and getattr(module, "dtype", None) == torch.float32:
+                    module.dtype = dtype
+    else:
+        app.to_cpu()
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     # transformers' own bf16 run, measured the same way: the yardstick for the port's bf16 error
     hf_low = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval() if dtype != torch.float32 else None
