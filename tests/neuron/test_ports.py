@@ -132,3 +132,37 @@ def test_gemma4_router_scales_match_transformers(checkpoint, tmp_path):
             torch.tensor([ids])).logits[0]
     assert pearson(got, ref) >= 0.999
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_granite_hub_layer_type_spellings(checkpoint, tmp_path):
+    """The hub's Granite 4.0-H config.json says "mamba" / "attention" (transformers 4.57, NxDI's pin,
+    keeps them): same port, same logits; an unknown spelling raises, naming layer_types."""
+    import json
+    import shutil
+
+    hub = tmp_path / "hub"
+    shutil.copytree(checkpoint("granite"), hub)
+    config = json.loads((hub / "config.json").read_text())
+    spell = {"full_attention": "attention", "linear_attention": "mamba"}
+    config["layer_types"] = [spell[t] for t in config["layer_types"]]
+    (hub / "config.json").write_text(json.dumps(config))
+    ids = prompt(20, seed=7)
+    want = runner(checkpoint, "granite").prefill([ids], [0])
+    got = CpuRunner(app_cls("granite"), str(hub)).prefill([ids], [0])  # transformers 5 renamed them
+    assert torch.equal(got, want)
+    as_457 = CpuRunner(app_cls("granite"), checkpoint("granite"), layer_types=config["layer_types"])
+    assert as_457.config.layer_types != config["layer_types"]  # the port normalised the hub spelling
+    assert torch.equal(as_457.prefill([ids], [0]), want)
+    # (transformers 5 rejects unknown layer types itself; the port's own check is for 4.57)
+    from vllm_hybrid_neuron.neuron import base
+
+    load = base.load_pretrained_config(str(hub))
+
+    def load_with_typo(cfg):
+        load(cfg)
+        cfg.layer_types = ["mamba2", *cfg.layer_types[1:]]
+
+    app = app_cls("granite")
+    nc = app.get_neuron_config_cls()(batch_size=1, seq_len=64, torch_dtype=torch.float32)
+    with pytest.raises(ValueError, match="layer_types has \\['mamba2'\\]"):
+        app.get_config_cls()(nc, load_config=load_with_typo)

@@ -28,7 +28,16 @@ from vllm_hybrid_neuron.neuron.ssd import causal_conv, next_conv_state, ssd_chun
 class GraniteMoeHybridInferenceConfig(base.InferenceConfig):
     def add_derived_config(self) -> None:
         super().add_derived_config()
-        self.layer_types = list(getattr(self, "layer_types", None) or self.layers_block_type)
+        # The hub's config.json files spell them "mamba" / "attention" (layers_block_type in older
+        # ones); transformers 5 renames them on load, transformers 4.57 (NxDI's pin) does not.
+        raw = list(getattr(self, "layer_types", None) or self.layers_block_type)
+        spellings = {"mamba": "linear_attention", "linear_attention": "linear_attention",
+                     "attention": "full_attention", "full_attention": "full_attention"}
+        unknown = sorted({t for t in raw if t not in spellings})
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: layer_types has {unknown}; expected mamba / attention "
+                             "(or linear_attention / full_attention)")
+        self.layer_types = [spellings[t] for t in raw]
         check_hybrid_neuron_config(self)
 
     def get_required_attributes(self) -> list[str]:
