@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -11,8 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-# Near-tie margins (logits) for the teacher-forced argmax check.
+# Near-tie margins (logits) for comparing two vLLM runs' greedy tokens (same_greedy_tokens).
 MARGIN = {"float32": 0.02, "bfloat16": 0.25}
+# vLLM + plugin against transformers fp32, teacher-forced on vLLM's tokens (LogprobCheck):
+# fp32: every generated token's log-probability within FP32_LOGPROB_TOL, and no chosen token
+# more than FP32_MARGIN logits below transformers' argmax. bf16: no further from transformers
+# fp32 than BF16_FACTOR times transformers' own bf16 run on the same tokens, for the
+# log-probabilities and for the chosen tokens' deficits (a near-tie in bf16 is a gap within the
+# logit error transformers' bf16 run itself shows).
+FP32_LOGPROB_TOL, FP32_MARGIN, BF16_FACTOR = 1e-3, 2e-3, 3.0
 
 _TEXTS = [
     "Hello, my name is",
@@ -36,14 +44,16 @@ def prompt_ids(model_dir: str, long_tokens: int = 320) -> list[list[int]]:
     return prompts + [long]
 
 
-def run_vllm(request: dict, env: dict | None = None, timeout: int = 600) -> dict:
-    """Run ``vllm_hybrid_neuron.tools.generate`` in a fresh process; return its JSON."""
+def run_vllm(request: dict, env: dict | None = None, timeout: int = 600,
+             command: list[str] | None = None) -> dict:
+    """Run ``vllm_hybrid_neuron.tools.generate`` (or ``command``, given the request and result
+    paths) in a fresh process; return its JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         req, res = os.path.join(tmp, "req.json"), os.path.join(tmp, "res.json")
         with open(req, "w") as f:
             json.dump(request, f)
         proc = subprocess.run(
-            [sys.executable, "-m", "vllm_hybrid_neuron.tools.generate", req, res],
+            (command or [sys.executable, "-m", "vllm_hybrid_neuron.tools.generate"]) + [req, res],
             env={**os.environ, **(env or {})}, capture_output=True, text=True,
             timeout=timeout,
         )
@@ -145,3 +155,64 @@ def same_greedy_tokens(model, prompts: list[list[int]], outputs: list[list[int]]
             problems.append(f"prompt {i} ({len(prompt)} tokens) parts at token {at}: candidates "
                             f"{gap:.4f} logits apart, worst deficits {deficits}")
     return problems
+
+
+@functools.cache
+def hf_models(model_dir: str, dtype: str):
+    """transformers' model of ``model_dir`` in ``dtype`` (loaded once per session)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+
+
+@dataclass
+class LogprobCheck:
+    """vLLM's generated tokens and log-probabilities against transformers, teacher-forced."""
+    dtype: str
+    logprob_err: float  # max |vLLM logprob - transformers fp32 logprob| of the chosen tokens
+    deficit: float  # max over tokens of (fp32 argmax logit - chosen token's fp32 logit)
+    hf_bf16_logprob_err: float  # transformers bf16 against fp32 on the same tokens (bf16 only)
+    hf_bf16_logit_err: float  # max |bf16 logit - fp32 logit| over those rows (bf16 only)
+    tokens: int
+
+    def problems(self) -> list[str]:
+        if self.dtype == "float32":
+            bounds = [("logprob error", self.logprob_err, FP32_LOGPROB_TOL),
+                      ("chosen-token deficit", self.deficit, FP32_MARGIN)]
+        else:
+            bounds = [("logprob error", self.logprob_err, BF16_FACTOR * self.hf_bf16_logprob_err),
+                      ("chosen-token deficit", self.deficit, BF16_FACTOR * self.hf_bf16_logit_err)]
+        return [f"{what} {value:.2e} > {bound:.2e}" for what, value, bound in bounds
+                if not value <= bound]
+
+    def __str__(self) -> str:
+        s = f"{self.tokens} tokens: logprob err {self.logprob_err:.2e}, deficit {self.deficit:.2e}"
+        if self.dtype != "float32":
+            s += (f" (transformers bf16: logprob err {self.hf_bf16_logprob_err:.2e}, "
+                  f"logit err {self.hf_bf16_logit_err:.2e})")
+        return s
+
+
+@torch.no_grad()
+def check_logprobs(model_dir: str, dtype: str, prompts: list[list[int]],
+                   outputs: list[list[int]], logprobs: list[list[float]]) -> LogprobCheck:
+    """Teacher-force each ``prompt + output`` through transformers fp32 (and bf16 when ``dtype``
+    is bf16); compare vLLM's ``logprobs`` of its chosen tokens, worst case over all prompts."""
+    err = deficit = hf_lp_err = hf_logit_err = 0.0
+    tokens = 0
+    for prompt, generated, got in zip(prompts, outputs, logprobs, strict=True):
+        assert len(got) == len(generated)
+        full = torch.tensor([prompt + generated])
+        span = slice(len(prompt) - 1, len(prompt) - 1 + len(generated))
+        chosen = torch.tensor(generated)[:, None]
+        rows = hf_models(model_dir, "float32")(full).logits[0, span].float()  # (gen, vocab)
+        ref = torch.log_softmax(rows, -1).gather(1, chosen)[:, 0]
+        err = max(err, float((torch.tensor(got) - ref).abs().max()))
+        deficit = max(deficit, float((rows.max(1).values - rows.gather(1, chosen)[:, 0]).max()))
+        if dtype != "float32":
+            rows16 = hf_models(model_dir, "bfloat16")(full).logits[0, span].float()
+            lp16 = torch.log_softmax(rows16, -1).gather(1, chosen)[:, 0]
+            hf_lp_err = max(hf_lp_err, float((lp16 - ref).abs().max()))
+            hf_logit_err = max(hf_logit_err, float((rows16 - rows).abs().max()))
+        tokens += len(generated)
+    return LogprobCheck(dtype, err, deficit, hf_lp_err, hf_logit_err, tokens)

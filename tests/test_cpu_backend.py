@@ -2,9 +2,10 @@
 
 For each family and dtype, one baseline engine (no speculation, no prefix caching)
 gives reference tokens; engines with ngram speculation (1 and 3 drafts), with prefix
-caching (the default) and with tensor parallelism must reproduce them exactly, and the
-baseline must agree with transformers. Greedy, 48 tokens, 5 concurrent prompts of 5 to
-700 tokens crossing several cache blocks.
+caching (the default), with tensor parallelism and in vLLM's default compiled mode (ngram
+speculation and prefix caching on, fp32) must reproduce them, and every run must agree with
+transformers: greedy tokens and each generated token's log-probability (helpers.LogprobCheck).
+Greedy, 48 tokens, 5 concurrent prompts of 5 to 700 tokens crossing several cache blocks.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import functools
 
 import pytest
 
-from helpers import MARGIN, check_against_hf, hf_model, run_vllm, same_greedy_tokens
+from helpers import MARGIN, check_logprobs, hf_model, run_vllm, same_greedy_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,8 @@ EXPECTED_OPS = {"granite": {"mamba2_prefill", "mamba2_decode"},
 NGRAM = {"method": "ngram", "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 # Hybrid cache block sizes vLLM picks for these models (attention pages padded to match
 # the Mamba / GDN state page), for the block-aligned prefix-caching probes.
-BLOCK_CANDIDATES = [128, 256, 384, 512, 640, 768, 896]
+# (1024: with ngram speculation in compiled mode, Granite fp32.)
+BLOCK_CANDIDATES = [128, 256, 384, 512, 640, 768, 896, 1024]
 
 
 @functools.cache
@@ -66,10 +68,10 @@ def _block_size(log: str) -> int:
 def _run(model_dir: str, dtype: str, mode: str) -> dict:
     prompts, shared = _prompts(model_dir)
     request = {"model": model_dir, "dtype": dtype, "prompts": prompts + [shared],
-               "max_tokens": MAX_TOKENS, "max_model_len": 1024,
+               "max_tokens": MAX_TOKENS, "max_model_len": 1024, "logprobs": True,
                "llm_kwargs": {"enable_prefix_caching": False}}
     env = None
-    if mode == "prefix_caching":
+    if mode in ("prefix_caching", "compiled"):
         # Cold batch, then the same batch again, then prompts sharing a long prefix.
         # vLLM keeps a reusable state only where its scheduler ends a prefill chunk on
         # a block boundary that decoding will not overwrite, so block-aligned probes
@@ -78,7 +80,10 @@ def _run(model_dir: str, dtype: str, mode: str) -> dict:
         request.update(
             prompts=prompts + [story[:b + 16] for b in BLOCK_CANDIDATES], rounds=2,
             later_rounds=[[shared], [story[:b + 8] + prompts[0] for b in BLOCK_CANDIDATES]],
-            llm_kwargs={})
+            max_model_len=2048, llm_kwargs={})
+        if mode == "compiled":  # vLLM's default mode, with speculation as well
+            request["llm_kwargs"] = {"enforce_eager": False,
+                                     "speculative_config": {**NGRAM, "num_speculative_tokens": 3}}
     elif mode.startswith("ngram"):
         request["llm_kwargs"]["speculative_config"] = {
             **NGRAM, "num_speculative_tokens": int(mode[len("ngram"):])}
@@ -101,16 +106,22 @@ def _baseline(model_dir, dtype):
     return _run(model_dir, dtype, "baseline")["rounds"][0]["outputs"]
 
 
+def _assert_transformers_logprobs(model_dir, dtype, result, label):
+    """Every round of ``result`` against transformers, teacher-forced on its own tokens."""
+    prompts = [result["request"]["prompts"]] * result["request"].get("rounds", 1)
+    prompts += result["request"].get("later_rounds", [])
+    for i, (batch, rnd) in enumerate(zip(prompts, result["rounds"], strict=True)):
+        check = check_logprobs(model_dir, dtype, batch, rnd["outputs"], rnd["logprobs"])
+        print(f"{label} round {i}: {check}")
+        assert not check.problems(), f"{label} round {i}: {check}"
+
+
 def test_baseline_matches_transformers_on_plugin_ops(case):
     family, dtype, model_dir = case
     result = _run(model_dir, dtype, "baseline")
     counts = result["plugin_op_counts"][0]
     assert EXPECTED_OPS[family] <= {k for k, v in counts.items() if v > 0}, counts
-    prompts, shared = _prompts(model_dir)
-    model = hf_model(model_dir)
-    for prompt, generated in zip(prompts + [shared], result["rounds"][0]["outputs"]):
-        check = check_against_hf(model, prompt, generated)
-        assert check.worst_deficit <= MARGIN[dtype], (len(prompt), check)
+    _assert_transformers_logprobs(model_dir, dtype, result, f"{family} {dtype} baseline")
 
 
 @pytest.mark.parametrize("drafts", [1, 3])
@@ -118,6 +129,7 @@ def test_ngram_speculation_keeps_greedy_tokens(case, drafts):
     family, dtype, model_dir = case
     result = _run(model_dir, dtype, f"ngram{drafts}")
     assert result["rounds"][0]["outputs"] == _baseline(model_dir, dtype)
+    _assert_transformers_logprobs(model_dir, dtype, result, f"{family} {dtype} ngram{drafts}")
     metrics = result["metrics"]
     proposed = metrics["vllm:spec_decode_num_draft_tokens"]
     accepted = metrics["vllm:spec_decode_num_accepted_tokens"]
@@ -147,9 +159,7 @@ def test_prefix_caching_keeps_greedy_tokens_and_hits(case):
     assert warm["cached_tokens"][probe] > 0  # the repeated probe hits
     # and so does a prompt sharing its prefix, whose tokens are still transformers'
     assert probes_shared["cached_tokens"][probe - 6] > 0
-    later = result["request"]["later_rounds"][1][probe - 6]
-    check = check_against_hf(model, later, probes_shared["outputs"][probe - 6])
-    assert check.worst_deficit <= margin, check
+    _assert_transformers_logprobs(model_dir, dtype, result, f"{family} {dtype} prefix caching")
 
 
 @pytest.mark.parametrize("dtype", ["float32"])
@@ -159,3 +169,25 @@ def test_tensor_parallel_2_keeps_greedy_tokens(tiny_model_dir, family, dtype):
     result = _run(model_dir, dtype, "tp2")
     assert len(result["served_classes"]) == 2
     assert result["rounds"][0]["outputs"] == _baseline(model_dir, dtype)
+    _assert_transformers_logprobs(model_dir, dtype, result, f"{family} {dtype} tp2")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_mode_with_speculation_and_prefix_caching(tiny_model_dir, family):
+    """vLLM's default (compiled) mode, as users get it, with ngram speculation and prefix
+    caching: same tokens as the eager baseline (near-ties aside), cache hits, transformers'
+    log-probabilities, the plugin's ops in the path."""
+    dtype, model_dir = "float32", tiny_model_dir(family)
+    result = _run(model_dir, dtype, "compiled")
+    counts = result["plugin_op_counts"][0]
+    assert EXPECTED_OPS[family] <= {k for k, v in counts.items() if v > 0}, counts
+    baseline = _baseline(model_dir, dtype)
+    model, prompts = hf_model(model_dir), result["request"]["prompts"]
+    cold, warm = result["rounds"][:2]
+    assert not same_greedy_tokens(model, prompts[:6], cold["outputs"][:6], baseline[:6],
+                                  MARGIN[dtype])
+    assert not same_greedy_tokens(model, prompts, warm["outputs"], cold["outputs"], MARGIN[dtype])
+    probe = 6 + BLOCK_CANDIDATES.index(_block_size(result["log"]))
+    assert warm["cached_tokens"][probe] > 0
+    assert result["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0
+    _assert_transformers_logprobs(model_dir, dtype, result, f"{family} compiled")

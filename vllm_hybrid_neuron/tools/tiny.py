@@ -101,6 +101,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# Final-norm gain of the test models (see _sharpen); the named presets keep transformers' init.
+LOGIT_GAIN: dict[tuple[str, str], float] = {
+    ("granite", "tiny"): 4.0, ("qwen3_5", "tiny"): 4.0, ("gemma4", "tiny"): 4.0,
+}
+
+
 def _config(family: str, overrides: dict[str, Any]):
     from transformers import Gemma4TextConfig, GraniteMoeHybridConfig, Qwen3_5MoeTextConfig
 
@@ -122,22 +128,44 @@ def _stretch_layer_types(pattern: list[str], n_layers: int) -> list[str]:
     return types
 
 
-def _randomize_unit_params(model, generator) -> None:
-    """Norm weights, layer scalars and Mamba D start as constants; make them random
-    so a wrong formula can't hide behind an all-ones weight."""
+def _randomize_constants(model, generator) -> None:
+    """Every persistent tensor transformers initialises to one constant (norm weights, dt_bias,
+    D, conv biases, layer scalars, router scales) becomes random, and Mamba2's A_log (the same
+    per-head ramp in every layer) gets per-layer noise, so that a wrong formula, a dropped term
+    or wrong per-head indexing cannot hide behind an all-ones or all-zeros tensor."""
     import torch
 
     with torch.no_grad():
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            leaf = name.rsplit(".", 1)[-1]
-            if "norm" in name and leaf == "weight":
-                tensor.add_(0.2 * torch.randn(tensor.shape, generator=generator))
-            elif leaf in ("layer_scalar", "D"):
-                tensor.mul_(0.5 + torch.rand(tensor.shape, generator=generator))
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point() or tensor.numel() == 0:
+                continue
+            first = tensor.flatten()[0]
+            if name.endswith("A_log"):
+                tensor.add_(0.5 * torch.randn(tensor.shape, generator=generator))
+            elif bool((tensor == first).all()):
+                if float(first) == 0.0:  # zero biases; Qwen3.5's (1 + weight) norms
+                    tensor.add_(0.2 * torch.randn(tensor.shape, generator=generator))
+                else:  # unit norm weights, dt_bias, D, layer scalars, router scales
+                    tensor.mul_(0.5 + torch.rand(tensor.shape, generator=generator))
+
+
+def _sharpen(model, family: str, gain: float) -> None:
+    """Multiply the final norm's effective scale by ``gain``: logits grow by about ``gain``, so
+    top-2 gaps are wide enough that a wrong formula moves greedy tokens (tests/README.md shows
+    the gap distributions)."""
+    import torch
+
+    with torch.no_grad():
+        weight = model.model.norm.weight
+        if family == "qwen3_5":  # Qwen3.5's RMSNorm scales by (1 + weight)
+            weight.copy_((1 + weight) * gain - 1)
+        else:
+            weight.mul_(gain)
 
 
 def build(family: str, out: str | Path, preset: str = "tiny", seed: int = 0,
-          overrides: dict[str, Any] | None = None, dtype: str = "float32") -> Path:
+          overrides: dict[str, Any] | None = None, dtype: str = "float32",
+          logit_gain: float | None = None) -> Path:
     """Write config, safetensors weights (in ``dtype``) and tokenizer for ``family``."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -157,13 +185,15 @@ def build(family: str, out: str | Path, preset: str = "tiny", seed: int = 0,
     config = _config(family, {**kwargs, **ids})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _randomize_unit_params(model, torch.Generator().manual_seed(seed + 1))
+    _randomize_constants(model, torch.Generator().manual_seed(seed + 1))
+    _sharpen(model, family, logit_gain if logit_gain is not None
+             else LOGIT_GAIN.get((family, preset), 1.0))
     model = model.to(getattr(torch, dtype))  # drawn in fp32 whatever the saved dtype
     model.generation_config.update(**ids)
     model.save_pretrained(str(out), safe_serialization=True)
     (out / "tiny_model.json").write_text(json.dumps(
         {"family": family, "preset": preset, "seed": seed, "dtype": dtype,
-         "overrides": overrides or {}},
+         "overrides": overrides or {}, "logit_gain": logit_gain},
         indent=2) + "\n")
     return out
 
