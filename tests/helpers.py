@@ -207,7 +207,10 @@ def check_logprobs(model_dir: str, dtype: str, prompts: list[list[int]],
         chosen = torch.tensor(generated)[:, None]
         rows = hf_models(model_dir, "float32")(full).logits[0, span].float()  # (gen, vocab)
         ref = torch.log_softmax(rows, -1).gather(1, chosen)[:, 0]
-        err = max(err, float((torch.tensor(got) - ref).abs().max()))
+        # NaN counts as the worst error (Python's max() would drop it: a state blown up by a
+        # flipped decay sign once passed this line as "0.0").
+        diff = (torch.tensor(got) - ref).abs().nan_to_num(nan=float("inf"))
+        err = max(err, float(diff.max()))
         deficit = max(deficit, float((rows.max(1).values - rows.gather(1, chosen)[:, 0]).max()))
         if dtype != "float32":
             rows16 = hf_models(model_dir, "bfloat16")(full).logits[0, span].float()
