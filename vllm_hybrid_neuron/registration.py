@@ -83,7 +83,7 @@ def register() -> None:
 def _register_cpu_models() -> None:
     from vllm import ModelRegistry
 
-    from vllm_hybrid_neuron.compat import torchvision_cpu
+    from vllm_hybrid_neuron.compat import cpu_block_size, torchvision_cpu
     from vllm_hybrid_neuron.cpu import config_hooks
 
     # Qwen3.5's vLLM module imports transformers' image processors, which import
@@ -92,3 +92,4 @@ def _register_cpu_models() -> None:
     for arch, target in CPU_MODELS.items():
         ModelRegistry.register_model(arch, target)
     config_hooks.install(CPU_MODELS)
+    cpu_block_size.install(CPU_MODELS)

@@ -103,7 +103,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 # Final-norm gain of the test models (see _sharpen); the named presets keep transformers' init.
 LOGIT_GAIN: dict[tuple[str, str], float] = {
-    ("granite", "tiny"): 4.0, ("qwen3_5", "tiny"): 4.0, ("gemma4", "tiny"): 4.0,
+    ("granite", "tiny"): 8.0, ("qwen3_5", "tiny"): 8.0, ("gemma4", "tiny"): 8.0,
 }
 
 
