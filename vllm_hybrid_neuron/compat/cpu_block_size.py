@@ -34,14 +34,20 @@ def install(architectures) -> None:
     from vllm.platforms.cpu import CpuPlatform
 
     original = CpuPlatform.check_and_update_config.__func__
-    if getattr(original, "_vllm_hybrid_neuron_patch", False):
+    if getattr(original, "original", None) is not None:
         return
+    CpuPlatform.check_and_update_config = classmethod(keeping_block_size(original, architectures))
+
+
+def keeping_block_size(original, architectures):
+    """``original`` (a platform's ``check_and_update_config(cls, vllm_config)``), except that for
+    ``architectures`` a block size the KV cache was laid out with survives it."""
     archs = frozenset(architectures)
 
     def check_and_update_config(cls, vllm_config) -> None:
         cache_config, model_config = vllm_config.cache_config, vllm_config.model_config
-        laid_out = (cache_config.num_gpu_blocks and model_config is not None
-                    and model_config.architecture in archs)
+        laid_out = bool(cache_config.num_gpu_blocks and model_config is not None
+                        and model_config.architecture in archs)
         block_size = cache_config.block_size
         original(cls, vllm_config)
         if laid_out and cache_config.block_size != block_size:
@@ -51,5 +57,5 @@ def install(architectures) -> None:
             if cache_config.mamba_cache_mode == "align":
                 cache_config.mamba_block_size = block_size
 
-    check_and_update_config._vllm_hybrid_neuron_patch = True
-    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+    check_and_update_config.original = original
+    return check_and_update_config

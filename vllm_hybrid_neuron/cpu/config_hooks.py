@@ -33,7 +33,8 @@ def install(architectures) -> None:
 def disable_prefix_caching_under_speculation(vllm_config) -> bool:
     """Turn prefix caching off when speculative decoding is on; True if it did."""
     cache_config = vllm_config.cache_config
-    if vllm_config.speculative_config is None or not cache_config.enable_prefix_caching:
+    if (vllm_config.speculative_config is None or not cache_config.enable_prefix_caching
+            or not vllm_config.model_config.is_hybrid):  # Gemma 4: no recurrent state to move
         return False
     cache_config.enable_prefix_caching = False
     logger.warning(

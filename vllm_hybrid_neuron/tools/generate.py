@@ -5,7 +5,10 @@
 REQUEST: {"model": DIR, "dtype": "float32", "prompts": [[ids...], ...],
           "max_tokens": 32, "llm_kwargs": {...}, "rounds": 1, "logprobs": false,
           "later_rounds": [[[ids...], ...], ...]}   (optional: other prompts per round)
+         A prompt may also be {"source": [ids...], "blocks": 2.5, "plus": 0, "suffix": [ids]}:
+         source[:int(blocks * B) + plus] + suffix, B the KV cache block size the engine chose.
 RESULT:  {"served_classes": [...], "plugin_op_counts": [{...}], "startup_s": ...,
+          "block_size": B, "batches": [[[ids...], ...], ...] (each round's prompts, resolved),
           "rounds": [{"outputs": [[ids...]], "cached_tokens": [...], "seconds": ...,
                       "logprobs": [[logprob of each generated token...]] (if asked)}],
           "metrics": {...}}
@@ -37,6 +40,17 @@ def _metrics(llm) -> dict[str, float]:
     return out
 
 
+def _resolve(prompt, block_size: int) -> list[int]:
+    """Token ids of a prompt given as ids or as a length in cache blocks (see REQUEST)."""
+    if isinstance(prompt, list):
+        return prompt
+    length = int(prompt["blocks"] * block_size) + prompt.get("plus", 0)
+    if length > len(prompt["source"]):
+        raise ValueError(f"prompt of {prompt['blocks']} blocks of {block_size}: source has "
+                         f"{len(prompt['source'])} tokens, {length} needed")
+    return prompt["source"][:length] + prompt.get("suffix", [])
+
+
 def run(request: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -53,8 +67,10 @@ def run(request: dict) -> dict:
     want_logprobs = request.get("logprobs", False)
     params = SamplingParams(max_tokens=request.get("max_tokens", 32), temperature=0.0,
                             ignore_eos=True, logprobs=0 if want_logprobs else None)
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
     batches = [request["prompts"]] * request.get("rounds", 1)
     batches += request.get("later_rounds", [])
+    batches = [[_resolve(p, block_size) for p in batch] for batch in batches]
     rounds = []
     for batch in batches:
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in batch]
@@ -71,7 +87,7 @@ def run(request: dict) -> dict:
                                       for o in outs]
     return {"served_classes": llm.apply_model(model_class_path),
             "plugin_op_counts": llm.apply_model(plugin_op_counts), "startup_s": startup,
-            "rounds": rounds, "metrics": _metrics(llm)}
+            "block_size": block_size, "batches": batches, "rounds": rounds, "metrics": _metrics(llm)}
 
 
 def main() -> None:
