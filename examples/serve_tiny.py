@@ -20,8 +20,8 @@ from openai import OpenAI
 from vllm_hybrid_neuron.tools.server import VllmServer
 from vllm_hybrid_neuron.tools.tiny import FAMILIES, build
 
-# Each family in the dtype a CPU user would pick for it (with the plugin Qwen3.5 also serves in
-# fp32; vLLM's own CPU path runs its Gated DeltaNet in bf16 only).
+# Each family in a dtype a CPU user would pick for it. The plugin serves all three in fp32 and
+# bf16 (vLLM's own CPU Gated DeltaNet asserts bf16; the plugin's GDN ops take both).
 DTYPE = {"granite": "float32", "qwen3_5": "bfloat16", "gemma4": "float32"}
 
 

@@ -12,14 +12,17 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """``tiny_model_dir(family)`` -> path of that family's default tiny checkpoint."""
+    """``tiny_model_dir(family)`` -> path of that family's default tiny checkpoint;
+    ``multimodal=True``: the same text model as a ``*ForConditionalGeneration`` checkpoint."""
     from vllm_hybrid_neuron.tools.tiny import build
 
-    built: dict[str, str] = {}
+    built: dict[tuple[str, bool], str] = {}
 
-    def get(family: str) -> str:
-        if family not in built:
-            built[family] = str(build(family, tmp_path_factory.mktemp(f"tiny-{family}")))
-        return built[family]
+    def get(family: str, multimodal: bool = False) -> str:
+        key = (family, multimodal)
+        if key not in built:
+            name = f"tiny-{family}" + ("-multimodal" if multimodal else "")
+            built[key] = str(build(family, tmp_path_factory.mktemp(name), multimodal=multimodal))
+        return built[key]
 
     return get

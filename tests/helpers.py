@@ -89,10 +89,8 @@ class HFCheck:
 
 
 def hf_model(model_dir: str):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return model.eval()
+    """transformers fp32 (see hf_models)."""
+    return hf_models(model_dir, "float32")
 
 
 def _teacher_forced(model, prompt: list[int], generated: list[int]) -> tuple[torch.Tensor, float]:
@@ -159,10 +157,13 @@ def same_greedy_tokens(model, prompts: list[list[int]], outputs: list[list[int]]
 
 @functools.cache
 def hf_models(model_dir: str, dtype: str):
-    """transformers' model of ``model_dir`` in ``dtype`` (loaded once per session)."""
-    from transformers import AutoModelForCausalLM
+    """transformers' model of ``model_dir`` in ``dtype`` (loaded once per session): the
+    ConditionalGeneration class for a checkpoint with towers, run on text only."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    multimodal = getattr(AutoConfig.from_pretrained(model_dir), "vision_config", None) is not None
+    cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    return cls.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
 
 
 @dataclass

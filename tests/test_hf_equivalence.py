@@ -5,8 +5,9 @@ sharpened logits (tools/tiny.py); tests/README.md shows their top-2 gap distribu
 the deliberate breaks these checks catch.
 
 Granite and Qwen3.5 are checked in both dtypes, with speculation, prefix caching, TP=2 and
-vLLM's compiled mode by test_cpu_backend.py; this file adds Gemma 4 (compiled and long prompts:
-test_gemma4_long_prompts.py) and the plugin's MoE op, eager.
+vLLM's compiled mode by test_cpu_backend.py; this file adds Gemma 4 (compiled, speculation,
+prefix caching and long prompts: test_gemma4_long_prompts.py), the plugin's MoE op and the
+*ForConditionalGeneration checkpoints of Qwen3.5 and Gemma 4, eager.
 """
 
 from __future__ import annotations
@@ -16,27 +17,34 @@ import torch
 
 from helpers import check_logprobs, prompt_ids, run_vllm
 
-# Granite and Qwen3.5 on vLLM's experts kernel are test_cpu_backend.py's baselines.
-PARAMS = [  # family, dtype, MoE kernel, the class vLLM serves
-    ("granite", "float32", "plugin", "vllm_hybrid_neuron.cpu.models.granite_moe_hybrid:GraniteMoeHybridForCausalLM"),
-    ("qwen3_5", "bfloat16", "plugin", "vllm_hybrid_neuron.cpu.models.qwen3_5_moe:Qwen3_5MoeForCausalLM"),
-    ("gemma4", "float32", "auto", "vllm_hybrid_neuron.cpu.models.gemma4:Gemma4ForCausalLM"),
-    ("gemma4", "float32", "plugin", "vllm_hybrid_neuron.cpu.models.gemma4:Gemma4ForCausalLM"),
-    ("gemma4", "bfloat16", "auto", "vllm_hybrid_neuron.cpu.models.gemma4:Gemma4ForCausalLM"),
+# Granite and Qwen3.5 causal checkpoints on vLLM's experts kernel are test_cpu_backend.py's
+# baselines. "multimodal": the *ForConditionalGeneration checkpoint users have (nested
+# text_config, vision / audio tower weights), served text-only (--language-model-only).
+M = "vllm_hybrid_neuron.cpu.models."
+PARAMS = [  # family, dtype, MoE kernel, checkpoint, the class vLLM serves
+    ("granite", "float32", "plugin", "causal", M + "granite_moe_hybrid:GraniteMoeHybridForCausalLM"),
+    ("qwen3_5", "bfloat16", "plugin", "multimodal",
+     M + "qwen3_5_moe:Qwen3_5MoeForConditionalGeneration"),
+    ("gemma4", "float32", "auto", "causal", M + "gemma4:Gemma4ForCausalLM"),
+    ("gemma4", "float32", "plugin", "multimodal", M + "gemma4:Gemma4ForConditionalGeneration"),
+    ("gemma4", "bfloat16", "auto", "causal", M + "gemma4:Gemma4ForCausalLM"),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,dtype,moe,served_class", PARAMS,
-                         ids=[f"{f}-{d}-{'plugin' if m == 'plugin' else 'vllm'}-moe"
-                              for f, d, m, _ in PARAMS])
-def test_matches_transformers(tiny_model_dir, family, dtype, moe, served_class):
-    model_dir = tiny_model_dir(family)
+@pytest.mark.parametrize("family,dtype,moe,checkpoint,served_class", PARAMS,
+                         ids=[f"{f}-{d}-{'plugin' if m == 'plugin' else 'vllm'}-moe-{c}"
+                              for f, d, m, c, _ in PARAMS])
+def test_matches_transformers(tiny_model_dir, family, dtype, moe, checkpoint, served_class):
+    multimodal = checkpoint == "multimodal"
+    model_dir = tiny_model_dir(family, multimodal=multimodal)
     prompts = prompt_ids(model_dir)
     assert max(len(p) for p in prompts) > 300
+    llm_kwargs = {"enable_prefix_caching": False}
+    if multimodal:
+        llm_kwargs["language_model_only"] = True
     result = run_vllm({"model": model_dir, "dtype": dtype, "prompts": prompts,
-                       "max_tokens": 32, "logprobs": True,
-                       "llm_kwargs": {"enable_prefix_caching": False}},
+                       "max_tokens": 32, "logprobs": True, "llm_kwargs": llm_kwargs},
                       env={"VLLM_HYBRID_NEURON_MOE": moe})
     assert result["served_classes"] == [served_class]
     assert "vllm-hybrid-neuron" in result["log"] and "backend=cpu" in result["log"]

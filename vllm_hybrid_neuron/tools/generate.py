@@ -87,7 +87,8 @@ def run(request: dict) -> dict:
                                       for o in outs]
     return {"served_classes": llm.apply_model(model_class_path),
             "plugin_op_counts": llm.apply_model(plugin_op_counts), "startup_s": startup,
-            "block_size": block_size, "batches": batches, "rounds": rounds, "metrics": _metrics(llm)}
+            "block_size": block_size, "batches": batches, "rounds": rounds,
+            "metrics": _metrics(llm)}
 
 
 def main() -> None:
