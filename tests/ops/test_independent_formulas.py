@@ -383,20 +383,13 @@ def test_ssd(which, dtype, dt_limit):
     check_ssd(which, dtype, dt_limit)
 
 
+@pytest.mark.parametrize("check", [check_conv_fn, check_conv_update], ids=["fn", "update"])
 @pytest.mark.parametrize("which", ["fast", "ref"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", [2, 4])
 @pytest.mark.parametrize("act", ["silu", None])
-def test_conv_fn(which, dtype, width, act):
-    check_conv_fn(which, dtype, width, act)
-
-
-@pytest.mark.parametrize("which", ["fast", "ref"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("width", [2, 4])
-@pytest.mark.parametrize("act", ["silu", None])
-def test_conv_update(which, dtype, width, act):
-    check_conv_update(which, dtype, width, act)
+def test_conv(check, which, dtype, width, act):
+    check(which, dtype, width, act)
 
 
 @pytest.mark.parametrize("which", ["fast", "ref"])
