@@ -73,50 +73,9 @@ def _errors(log: str, limit: int = 6000) -> str:
     return "\n".join(lines)[-limit:] or log[-limit:]
 
 
-@dataclass
-class HFCheck:
-    worst_deficit: float  # max over tokens of (argmax logit - chosen logit)
-    tokens_checked: int
-    generate_prefix_match: int  # leading tokens identical to transformers' generate
-    divergence_gap: float  # at the first token that differs from generate: how far the
-    # vLLM token's logit is below transformers' choice there (0.0 if none differs)
-
-    def matches_generate(self, tokens: int, margin: float) -> bool:
-        """The first ``tokens`` equal transformers' generate, near-ties aside: a
-        divergence earlier is accepted only where the two candidates are within
-        ``margin`` logits (after it the sequences differ, so nothing more compares)."""
-        return self.generate_prefix_match >= tokens or self.divergence_gap <= margin
-
-
 def hf_model(model_dir: str):
     """transformers fp32 (see hf_models)."""
     return hf_models(model_dir, "float32")
-
-
-def _teacher_forced(model, prompt: list[int], generated: list[int]) -> tuple[torch.Tensor, float]:
-    """transformers' fp32 logits at the positions that chose ``generated`` (gen, vocab), and the
-    worst deficit: how far a chosen token's logit is below that position's argmax."""
-    logits = model(torch.tensor([prompt + generated])).logits[0].float()  # (seq, vocab)
-    rows = logits[len(prompt) - 1: len(prompt) - 1 + len(generated)]  # (gen, vocab)
-    chosen = rows.gather(1, torch.tensor(generated)[:, None])[:, 0]
-    return rows, float((rows.max(dim=1).values - chosen).max())
-
-
-@torch.no_grad()
-def check_against_hf(model, prompt: list[int], generated: list[int],
-                     generate_tokens: int = 8) -> HFCheck:
-    """Teacher-force ``prompt + generated`` through transformers (fp32) and measure how
-    far each chosen token's logit is below that position's argmax; also compare with
-    transformers' own greedy ``generate``."""
-    rows, deficit = _teacher_forced(model, prompt, generated)
-    ref = model.generate(torch.tensor([prompt]), max_new_tokens=generate_tokens,
-                         min_new_tokens=generate_tokens, do_sample=False,
-                         pad_token_id=model.config.pad_token_id)[0, len(prompt):].tolist()
-    match = next((i for i, (a, b) in enumerate(zip(ref, generated)) if a != b), len(ref))
-    gap = 0.0
-    if match < len(ref):  # same context up to here, so the teacher-forced row applies
-        gap = float(rows[match, ref[match]] - rows[match, generated[match]])
-    return HFCheck(deficit, len(generated), match, gap)
 
 
 @torch.no_grad()
@@ -194,6 +153,17 @@ class LogprobCheck:
         return s
 
 
+@functools.lru_cache(maxsize=256)
+@torch.no_grad()
+def _teacher_forced_rows(model_dir: str, dtype: str, prompt: tuple[int, ...],
+                         generated: tuple[int, ...]) -> torch.Tensor:
+    """transformers' logits (gen, vocab), fp32, at the positions that chose ``generated``
+    (cached: a warm round repeats the cold round's sequences)."""
+    full = torch.tensor([prompt + generated])
+    span = slice(len(prompt) - 1, len(prompt) - 1 + len(generated))
+    return hf_models(model_dir, dtype)(full).logits[0, span].float()
+
+
 @torch.no_grad()
 def check_logprobs(model_dir: str, dtype: str, prompts: list[list[int]],
                    outputs: list[list[int]], logprobs: list[list[float]]) -> LogprobCheck:
@@ -203,10 +173,9 @@ def check_logprobs(model_dir: str, dtype: str, prompts: list[list[int]],
     tokens = 0
     for prompt, generated, got in zip(prompts, outputs, logprobs, strict=True):
         assert len(got) == len(generated)
-        full = torch.tensor([prompt + generated])
-        span = slice(len(prompt) - 1, len(prompt) - 1 + len(generated))
+        key = (tuple(prompt), tuple(generated))
         chosen = torch.tensor(generated)[:, None]
-        rows = hf_models(model_dir, "float32")(full).logits[0, span].float()  # (gen, vocab)
+        rows = _teacher_forced_rows(model_dir, "float32", *key)  # (gen, vocab)
         ref = torch.log_softmax(rows, -1).gather(1, chosen)[:, 0]
         # NaN counts as the worst error (Python's max() would drop it: a state blown up by a
         # flipped decay sign once passed this line as "0.0").
@@ -214,7 +183,7 @@ def check_logprobs(model_dir: str, dtype: str, prompts: list[list[int]],
         err = max(err, float(diff.max()))
         deficit = max(deficit, float((rows.max(1).values - rows.gather(1, chosen)[:, 0]).max()))
         if dtype != "float32":
-            rows16 = hf_models(model_dir, "bfloat16")(full).logits[0, span].float()
+            rows16 = _teacher_forced_rows(model_dir, "bfloat16", *key)
             lp16 = torch.log_softmax(rows16, -1).gather(1, chosen)[:, 0]
             hf_lp_err = max(hf_lp_err, float((lp16 - ref).abs().max()))
             hf_logit_err = max(hf_logit_err, float((rows16 - rows).abs().max()))

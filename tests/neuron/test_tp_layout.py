@@ -20,12 +20,13 @@ from safetensors.torch import load_file
 
 from neuron_helpers import app_cls
 from vllm_hybrid_neuron.neuron.tp import head_split, per_rank
+from vllm_hybrid_neuron.tools.tiny import HUB_GRANITE_LAYER_TYPES
 
 
 def hf_state_and_config(model_dir: str, tp: int):
     raw = json.loads((Path(model_dir) / "config.json").read_text())
     if "layer_types" in raw:  # the hub's Granite spelling, as the port's config normalises it
-        names = {"mamba": "linear_attention", "attention": "full_attention"}
+        names = {hub: name for name, hub in HUB_GRANITE_LAYER_TYPES.items()}
         raw["layer_types"] = [names.get(t, t) for t in raw["layer_types"]]
     config = SimpleNamespace(**raw, neuron_config=SimpleNamespace(tp_degree=tp))
     sd = {k.removeprefix("model."): v for k, v in load_file(str(Path(model_dir) / "model.safetensors")).items()}
