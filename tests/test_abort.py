@@ -14,8 +14,10 @@ from vllm_hybrid_neuron.tools.server import VllmServer
 pytestmark = pytest.mark.slow
 DTYPE = {"granite": "float32", "qwen3_5": "bfloat16"}
 # ABANDONED_MAX is far more than a tiny model decodes while a client reads 4 chunks and hangs
-# up (at 200, a CI run saw two of the three dropped streams finish before their clients left).
-COMPLETE_TOKENS, ABANDON_AFTER, ABANDONED_MAX = 40, 4, 700
+# up: at 200 a CI run saw two of the three dropped streams finish before their clients left, at
+# 700 one (a starved client thread on 2 busy cores). At 8000 a dropped stream would need ~40 s.
+COMPLETE_TOKENS, ABANDON_AFTER, ABANDONED_MAX = 40, 4, 8000
+MAX_MODEL_LEN = 8192
 
 
 def counter(server, name: str, **labels) -> float:
@@ -41,7 +43,7 @@ def aborted_ids(log: str) -> set[str]:
 def test_aborted_streams_leave_others_unchanged(tiny_model_dir, family):
     from openai import OpenAI
 
-    args = ["--served-model-name", "m", "--dtype", DTYPE[family], "--max-model-len", "1024",
+    args = ["--served-model-name", "m", "--dtype", DTYPE[family], "--max-model-len", str(MAX_MODEL_LEN),
             "--enforce-eager", "--enable-log-requests"]
     with VllmServer(tiny_model_dir(family), args) as server:
         client = OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
