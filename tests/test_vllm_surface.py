@@ -1,0 +1,132 @@
+"""The vLLM surface the CPU backend relies on (vllm_hybrid_neuron/cpu/vllm_surface.json), checked.
+
+Conformance: every recorded name resolves in the installed vLLM, every recorded signature still
+has the recorded parameters, every recorded field / attribute / source pin is still there.
+Completeness: a scan of the CPU backend's source finds nothing of vLLM the record lacks.
+After a vLLM upgrade each moved item fails by name; re-record with
+``python -m vllm_hybrid_neuron.tools.record_vllm_surface`` once the plugin is fixed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from vllm_hybrid_neuron.tools import record_vllm_surface as rec
+
+SURFACE = json.loads(rec.RECORD.read_text())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _imports():
+    rec._prepare_imports()
+
+
+def _fails(items, check) -> list[str]:
+    out = []
+    for item in items:
+        try:
+            problem = check(item)
+        except Exception as e:  # noqa: BLE001 - the message names what moved
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            out.append(f"{item}: {problem}")
+    return out
+
+
+def test_recorded_names_resolve():
+    refs = [f"{m}:{n}" for m, names in SURFACE["modules"].items() for n in names] + \
+        [f"{m}:" for m in SURFACE["modules"]]
+    bad = _fails(refs, lambda ref: rec.resolve(ref) and None)
+    assert not bad, "vLLM names moved:\n" + "\n".join(bad)
+
+
+def test_recorded_custom_ops_exist():
+    import torch
+
+    bad = _fails(SURFACE["custom_ops"],
+                 lambda op: None if hasattr(torch.ops.vllm, op) else "no torch.ops.vllm op")
+    assert not bad, "\n".join(bad)
+
+
+def test_recorded_signatures():
+    positional = set(SURFACE["called_positionally"])
+
+    def check(ref):
+        want, have = SURFACE["signatures"][ref], rec.param_names(rec.resolve(ref))
+        if ref in positional:
+            return None if have[:len(want)] == want and not (set(have) - set(want)) \
+                else f"parameters {have}, recorded {want}"
+        missing = [p for p in want if p not in have]
+        return f"lost parameters {missing} (now {have})" if missing else None
+
+    bad = _fails(SURFACE["signatures"], check)
+    assert not bad, "vLLM signatures changed:\n" + "\n".join(bad)
+
+
+def test_recorded_dataclass_fields():
+    def check(ref):
+        missing = sorted(set(SURFACE["dataclass_fields"][ref]) - rec.class_fields(rec.resolve(ref)))
+        return f"lost fields {missing}" if missing else None
+
+    bad = _fails(SURFACE["dataclass_fields"], check)
+    assert not bad, "vLLM metadata / config fields moved:\n" + "\n".join(bad)
+
+
+def test_recorded_instance_attributes():
+    def check(ref):
+        cls = rec.resolve(ref)
+        src = "".join(inspect.getsource(c) for c in cls.__mro__
+                      if c.__module__.split(".")[0] == "vllm")
+        missing = [a for a in SURFACE["instance_attributes"][ref]
+                   if not hasattr(cls, a) and not re.search(rf"self\.{re.escape(a)}\b", src)]
+        return f"no longer sets {missing}" if missing else None
+
+    bad = _fails(SURFACE["instance_attributes"], check)
+    assert not bad, "vLLM layer attributes moved:\n" + "\n".join(bad)
+
+
+def test_recorded_source_pins():
+    import vllm
+
+    root = Path(vllm.__file__).parent
+
+    def check(rel):
+        text = (root / rel).read_text()
+        missing = [s for s in SURFACE["source_pins"][rel] if s not in text]
+        return f"no longer contains {missing}" if missing else None
+
+    bad = _fails(SURFACE["source_pins"], check)
+    assert not bad, "vLLM source the plugin relies on changed:\n" + "\n".join(bad)
+
+
+def test_overrides_are_recorded_and_still_override():
+    assert rec.vllm_overrides() == SURFACE["overrides"], "re-record: the plugin's overrides changed"
+    refs = [f"{c}.{m}" for c, ms in SURFACE["overrides"].items() for m in ms]
+    assert not _fails(refs, lambda r: None if r in SURFACE["signatures"] else "no signature")
+
+
+def test_source_reaches_nothing_unrecorded():
+    found = rec.scan()
+    mods = SURFACE["modules"]
+    gaps = []
+    for m, names in found["modules"].items():
+        gaps += [f"{m}:{n}" for n in sorted(names - set(mods.get(m, [None])))]
+        if m not in mods:
+            gaps.append(f"module {m}")
+    for ref, attrs in found["attributes"].items():
+        m, name = ref.split(":")
+        for a in sorted(attrs):
+            if a not in mods.get(f"{m}.{name}", []) and f"{name}.{a}" not in mods.get(m, []):
+                gaps.append(f"{ref}.{a}")
+    gaps += [f"torch.ops.vllm.{op}" for op in sorted(found["custom_ops"] - set(SURFACE["custom_ops"]))]
+    for cls, fields in found["dataclass_fields"].items():
+        gaps += [f"{cls}.{f}" for f in sorted(fields - set(SURFACE["dataclass_fields"].get(cls, [])))]
+    gaps += [f"private name {n} (in {', '.join(sorted(set(files)))})"
+             for n, files in sorted(found["private"].items()) if n not in SURFACE["private_names"]]
+    assert not gaps, "the CPU backend uses vLLM names the record lacks (add them, re-record):\n" + \
+        "\n".join(gaps)
