@@ -16,18 +16,6 @@ using at::BFloat16;
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kVecF = fVec::size();
 
-// Read one element of a small parameter tensor (weights, biases, A, D ...) as
-// float, whatever its dtype. Used outside the innermost loops only.
-inline float getf(const at::Tensor& t, int64_t offset) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return t.const_data_ptr<float>()[offset];
-    case at::kBFloat16: return static_cast<float>(t.const_data_ptr<BFloat16>()[offset]);
-    case at::kHalf: return static_cast<float>(t.const_data_ptr<at::Half>()[offset]);
-    case at::kDouble: return static_cast<float>(t.const_data_ptr<double>()[offset]);
-    default: TORCH_CHECK(false, "vllm_hybrid_neuron: unsupported dtype ", t.scalar_type());
-  }
-}
-
 // Cheap float view of a small tensor of any float dtype: resolve the data pointer once
 // (Tensor::data_ptr() has checks that are far too slow for inner loops).
 struct FAcc {
@@ -88,7 +76,6 @@ inline float tof(T v) { return static_cast<float>(v); }
 
 inline float softplus(float x) { return x <= 20.f ? std::log1p(std::exp(x)) : x; }
 inline float silu(float x) { return x / (1.f + std::exp(-x)); }
-inline float sigmoidf(float x) { return 1.f / (1.f + std::exp(-x)); }
 
 // Dispatch on float / bfloat16 for an activation or state tensor.
 #define VHN_DISPATCH_FB(DT, NAME, ...)                                   \

@@ -25,15 +25,6 @@ inline void load_qk(const T* q, const T* k, int64_t K, bool l2, float scale, flo
   for (int64_t i = 0; i < K; ++i) { qo[i] *= fq; ko[i] *= fk; }
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  fVec acc(0.f);
-  int64_t i = 0;
-  for (; i + kVecF <= n; i += kVecF) acc = at::vec::fmadd(fVec::loadu(a + i), fVec::loadu(b + i), acc);
-  float s = at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 template <typename T, typename S>
 void recurrent_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                     const at::Tensor& beta, double scale, const c10::optional<at::Tensor>& h0,
@@ -149,7 +140,7 @@ void gdn_recurrent(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 //   U = U0 - W S^T                                      (the "new values" u_j)
 //   O = diag(G) Q S^T + (Q K^T o exp(gc_i - gc_j)[j <= i]) U
 //   S <- G_L S + U^T (exp(gc_L - gc) o K)
-template <typename T, typename S>
+template <typename T>
 void chunk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                 const at::Tensor& beta, double scale, at::Tensor& state, const at::Tensor& cu,
                 const c10::optional<at::Tensor>& idx, bool l2, int64_t CS, at::Tensor& out) {
@@ -171,7 +162,6 @@ void chunk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       if (eos <= bos || slot < 0) continue;
       at::Tensor Sslot = state[slot][hv];  // (V, K)
       Sf.copy_(Sslot);
-      float* sfp = Sf.mutable_data_ptr<float>();
       for (int64_t c0 = bos; c0 < eos; c0 += CS) {
         const int64_t L = std::min(CS, eos - c0);
         float* qcp = Qc.mutable_data_ptr<float>();
@@ -264,7 +254,6 @@ void chunk_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
           }
         }
       }
-      (void)sfp;
       Sslot.copy_(Sf);
     }
   });
@@ -279,10 +268,8 @@ void gdn_chunk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   TORCH_CHECK(state.dim() == 4 && state.size(2) == v.size(2) && state.size(3) == q.size(2),
               "gdn_chunk: state must be (N, HV, V, K)");
   auto cu = cu_seqlens.contiguous();
-  VHN_DISPATCH_FB(q.scalar_type(), T, [&] {
-    VHN_DISPATCH_FB(state.scalar_type(), S, [&] {
-      chunk_impl<T, S>(q, k, v, g, beta, scale, state, cu, state_indices, use_qk_l2norm, chunk_size, out);
-    });
+  VHN_DISPATCH_FB(q.scalar_type(), T, [&] {  // any state dtype: rows are copied to fp32 and back
+    chunk_impl<T>(q, k, v, g, beta, scale, state, cu, state_indices, use_qk_l2norm, chunk_size, out);
   });
 }
 

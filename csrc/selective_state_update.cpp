@@ -5,7 +5,9 @@
 #include <c10/core/InferenceMode.h>
 #include "common.h"
 #include "ops.h"
-#include <immintrin.h>
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>  // streaming stores and their fence (x86 builds only)
+#endif
 
 namespace vhn {
 namespace {
@@ -79,6 +81,13 @@ inline void stream_store(float* p, const fVec& v) {
 }
 inline void stream_store(BFloat16* p, const fVec& v) { vstore(p, v, kVecF); }
 
+// Orders streaming stores before later reads of the slots (a no-op where none were issued).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
+
 // Calls f(std::integral_constant<int, NV>) for dstate N = NV vectors, NV in {1, 2, 4, 8, 16};
 // returns false (nothing called) for other N.
 template <typename F>
@@ -123,7 +132,7 @@ inline void spec_block(const S* src, S* const* dst, int64_t s2, const float* con
       y[t][p] = hsum(acc);
     }
   }
-  if (stream) _mm_sfence();  // order the streaming stores before the caller reads the slots
+  if (stream) stream_fence();  // order the streaming stores before the caller reads the slots
 }
 
 template <typename S, typename X>

@@ -8,6 +8,9 @@ import pytest
 
 # Small KV cache on a 24 GiB machine; tests never depend on the rest of the env.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Count the plugin's layer calls in every engine the tests start (tools/op_probe.py), so they
+# can assert which ops served.
+os.environ["VLLM_HYBRID_NEURON_COUNT_OPS"] = "1"
 
 
 @pytest.fixture(scope="session")

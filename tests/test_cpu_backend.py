@@ -148,7 +148,7 @@ def test_ngram_speculation_keeps_greedy_tokens(case, drafts):
     accepted = metrics["vllm:spec_decode_num_accepted_tokens"]
     assert 0 < accepted < proposed, metrics  # drafts both accepted and rejected
     counts = result["plugin_op_counts"][0]
-    decode_op = "mamba2_decode" if family == "granite" else "gdn_spec_decode"
+    decode_op = "mamba2_spec_decode" if family == "granite" else "gdn_spec_decode"
     assert counts.get(decode_op, 0) > 0, counts
 
 

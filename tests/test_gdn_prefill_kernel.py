@@ -49,3 +49,30 @@ def test_vllm_kernel_matches_the_reference(monkeypatch):
     pool_vk = pool.clone()
     kernel(q, k, v, g, beta.to(torch.bfloat16), pool_vk, False, cu, False, True, slots, 1e-6)
     assert (pool_vk - ref_pool).abs().max() > 0.1
+
+
+def test_layer_runs_the_vllm_kernel_on_transposed_state_rows(monkeypatch):
+    """The layer's own call (keyword arguments through cpu/vllm_seam.py, state rows gathered,
+    transposed, scattered back) equals the reference on the cache's layout."""
+    from vllm_hybrid_neuron.cpu.layers.gated_deltanet import PluginGatedDeltaNet
+
+    monkeypatch.setenv(envs.GDN_PREFILL_ENV, "vllm")
+    kernel = vllm_bf16_prefill_kernel()
+    torch.manual_seed(1)
+    lens, H, HV, K, V = [70, 3], 1, 2, 64, 64
+    T = sum(lens)
+    q, k = (torch.randn(1, T, H, K, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(1, T, HV, V, dtype=torch.bfloat16)
+    g, beta = -torch.rand(1, T, HV) * 0.2, torch.rand(1, T, HV)
+    pool = torch.randn(4, HV, V, K) * 0.05  # the cache's (slots, HV, V, K)
+    slots = torch.tensor([2, 3], dtype=torch.int32)
+    cu = torch.tensor([0, lens[0], T], dtype=torch.int32)
+    ref_pool = pool.clone()
+    o_ref, _ = chunk_gated_delta_rule_ref(q, k, v, g, beta, None, ref_pool, False, cu, True,
+                                          initial_state_indices=slots)
+    before = pool.clone()
+    o = PluginGatedDeltaNet._chunk_on_vllm_kernel(kernel, q, k, v, g, beta.to(torch.bfloat16),
+                                                  pool, cu, slots)
+    assert_close(o.float(), o_ref.float(), torch.bfloat16, "out")
+    assert_close(pool, ref_pool, torch.bfloat16, "state rows, cache layout")
+    assert torch.equal(pool[:2], before[:2])  # other slots untouched

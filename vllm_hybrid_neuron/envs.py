@@ -21,6 +21,10 @@ GDN_PREFILL_CHOICES = ("auto", "plugin", "vllm")
 MOE_ENV = "VLLM_HYBRID_NEURON_MOE"
 MOE_CHOICES = ("auto", "plugin", "vllm")
 
+#: "1": count the plugin's layer calls by kind in each process (``tools/op_probe.py``), so
+#: tests can prove which ops served. Off by default: nothing is counted on the served path.
+COUNT_OPS_ENV = "VLLM_HYBRID_NEURON_COUNT_OPS"
+
 
 def _choice(name: str, choices: tuple[str, ...]) -> str:
     """The value of environment variable ``name``, validated against ``choices`` (case and
@@ -44,3 +48,8 @@ def gdn_prefill_kernel() -> str:
 def moe_kernel() -> str:
     """The requested routed-experts kernel, validated; "auto" when unset."""
     return _choice(MOE_ENV, MOE_CHOICES)
+
+
+def count_ops() -> bool:
+    """Whether the op-call probe is to be installed (``COUNT_OPS_ENV`` is "1")."""
+    return os.environ.get(COUNT_OPS_ENV, "").strip() == "1"

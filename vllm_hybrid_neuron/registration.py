@@ -93,3 +93,7 @@ def _register_cpu_models() -> None:
         ModelRegistry.register_model(arch, target)
     config_hooks.install(CPU_MODELS)
     cpu_block_size.install(CPU_MODELS)
+    if envs.count_ops():  # tests only: count the plugin's layer calls
+        from vllm_hybrid_neuron.tools import op_probe
+
+        op_probe.install()

@@ -13,9 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_hybrid_neuron.ops._library import ops, require_c
-
-PAD_SLOT_ID = -1
-NULL_BLOCK_ID = 0
+from vllm_hybrid_neuron.ops.slots import NULL_BLOCK_ID, PAD_SLOT_ID
 
 
 def _silu(activation) -> bool:

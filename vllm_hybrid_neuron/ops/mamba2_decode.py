@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from vllm_hybrid_neuron.ops._library import ops, require_c
 from vllm_hybrid_neuron.ops.causal_conv1d import _silu, causal_conv1d_update_ref
-from vllm_hybrid_neuron.ops.selective_state_update import NULL_BLOCK_ID, selective_state_update_ref
+from vllm_hybrid_neuron.ops.selective_state_update import selective_state_update_ref
+from vllm_hybrid_neuron.ops.slots import NULL_BLOCK_ID
 
 
 def mamba2_decode_ref(

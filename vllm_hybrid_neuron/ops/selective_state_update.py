@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_hybrid_neuron.ops._library import ops, require_c
-
-NULL_BLOCK_ID = 0
+from vllm_hybrid_neuron.ops.slots import NULL_BLOCK_ID
 
 
 def _normalize(state, x, dt, A, B, C, D, z, dt_bias, out, sbi, dsbi):

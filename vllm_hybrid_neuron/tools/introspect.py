@@ -10,10 +10,11 @@ def model_class_path(model) -> str:
 
 
 def plugin_op_counts(model) -> dict[str, int]:
-    """How many layer calls in this worker went through the plugin's ops, by kind."""
-    from vllm_hybrid_neuron.cpu.layers import op_stats
+    """How many layer calls in this worker went through the plugin's ops, by kind (empty
+    unless the worker runs with ``VLLM_HYBRID_NEURON_COUNT_OPS=1``: ``tools/op_probe.py``)."""
+    from vllm_hybrid_neuron.tools import op_probe
 
-    return op_stats.snapshot()
+    return op_probe.snapshot()
 
 
 # -- per-layer-type time breakdown under torch.profiler ---------------------------

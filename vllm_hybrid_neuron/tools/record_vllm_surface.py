@@ -10,7 +10,7 @@ source reaches nothing of vLLM the record lacks.
 
 What ``scan()`` finds statically: ``from vllm... import X`` / ``import vllm.x``, attributes read
 on those imported names (``ops.create_onednn_mm``), ``torch.ops.vllm.<op>``, the fields read on
-the mixers' attention metadata (``meta.<field>``, ``ckpt.<field>``, ``checkpoint.<field>``) and
+the attention metadata in ``cpu/vllm_seam.py``'s converters (``meta.<field>``, ``ckpt.<field>``) and
 private names (``x._name``, ``getattr(x, "_name")``) the plugin does not define itself. What it
 cannot find (attributes read on vLLM layer / config objects reached through ``self`` or an
 argument) is listed by hand below (``CALLED``, ``DATACLASS_FIELDS``, ``INSTANCE_ATTRIBUTES``,
@@ -33,22 +33,24 @@ CPU_BACKEND_FILES = [
     "registration.py",
     "config_hook.py",
     "compat/cpu_block_size.py",
-    "cpu/config_hooks.py",
+    *sorted(str(p.relative_to(PKG)) for p in (PKG / "cpu").glob("*.py")),
     *sorted(str(p.relative_to(PKG)) for p in (PKG / "cpu" / "models").glob("*.py")),
     *sorted(str(p.relative_to(PKG)) for p in (PKG / "cpu" / "layers").glob("*.py")),
     *sorted(str(p.relative_to(PKG)) for p in (PKG / "ops").glob("*.py")),
 ]
 
-# Local name -> vLLM metadata class, per mixer file (what ``meta`` etc. are there).
+# Local name -> vLLM metadata class, per function of the one file that reads metadata.
 _CKPT = "vllm.model_executor.layers.mamba.checkpoint:MambaPrefillCheckpointMetadata"
 METADATA_NAMES = {
-    "cpu/layers/mamba2_mixer.py": {
-        "meta": "vllm.v1.attention.backends.mamba2_attn:Mamba2AttentionMetadata",
-        "ckpt": _CKPT,
-    },
-    "cpu/layers/gated_deltanet.py": {
-        "meta": "vllm.v1.attention.backends.gdn_attn:GDNAttentionMetadata",
-        "checkpoint": _CKPT,
+    "cpu/vllm_seam.py": {
+        "mamba2_batch": {
+            "meta": "vllm.v1.attention.backends.mamba2_attn:Mamba2AttentionMetadata",
+            "ckpt": _CKPT,
+        },
+        "gdn_batch": {
+            "meta": "vllm.v1.attention.backends.gdn_attn:GDNAttentionMetadata",
+            "ckpt": _CKPT,
+        },
     },
 }
 
@@ -163,7 +165,11 @@ def scan() -> dict:
                         modules.setdefault(a.name, set())
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 defined.add(node.name)
-        meta_names = METADATA_NAMES.get(rel, {})
+        meta_names = {}  # id(node) -> {local name: metadata class} inside a listed function
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef) and fn.name in METADATA_NAMES.get(rel, {}):
+                for node in ast.walk(fn):
+                    meta_names[id(node)] = METADATA_NAMES[rel][fn.name]
         for node in ast.walk(tree):
             attr = base = None
             if isinstance(node, ast.Attribute):
@@ -177,8 +183,9 @@ def scan() -> dict:
             if isinstance(base, ast.Name) and base.id in aliases:
                 mod, name = aliases[base.id]
                 attributes.setdefault(f"{mod}:{name}", set()).add(attr)
-            if isinstance(base, ast.Name) and base.id in meta_names:
-                fields.setdefault(meta_names[base.id], set()).add(attr)
+            names = meta_names.get(id(node), {})
+            if isinstance(base, ast.Name) and base.id in names:
+                fields.setdefault(names[base.id], set()).add(attr)
             if isinstance(base, ast.Attribute) and base.attr == "vllm" and \
                     isinstance(base.value, ast.Attribute) and base.value.attr == "ops":
                 custom_ops.add(attr)

@@ -31,7 +31,6 @@ from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
 from vllm_hybrid_neuron import envs
-from vllm_hybrid_neuron.cpu.layers import op_stats
 from vllm_hybrid_neuron.ops.moe import ACTIVATIONS, moe_experts
 
 logger = logging.getLogger("vllm.hybrid_neuron")
@@ -56,7 +55,6 @@ class PluginCPUExperts(CPUUnquantizedExperts):
         # hidden_states, and its CPU kernel then skips the weighting; so must the op.
         if apply_router_weight_on_input:
             topk_weights = torch.ones_like(topk_weights)
-        op_stats.count("moe_experts")
         moe_experts(output, hidden_states, w1, w2, topk_weights, topk_ids, activation.value)
 
 

@@ -7,7 +7,7 @@ from vllm.model_executor.models.granitemoehybrid import (
 
 from vllm_hybrid_neuron.cpu.layers.full_width_gated_norm import use_full_width_gated_norm
 from vllm_hybrid_neuron.cpu.layers.mamba2_mixer import PluginMambaMixer2
-from vllm_hybrid_neuron.cpu.layers.routing import require, swap_layer_class
+from vllm_hybrid_neuron.cpu.layers.class_swap import require, swap_layer_class
 from vllm_hybrid_neuron.cpu.layers.bf16_linear_layers import use_bf16_linear
 from vllm_hybrid_neuron.cpu.layers.moe_experts import use_plugin_moe
 

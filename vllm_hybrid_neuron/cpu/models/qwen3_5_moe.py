@@ -11,7 +11,7 @@ from vllm.model_executor.models.qwen3_5 import (
 )
 
 from vllm_hybrid_neuron.cpu.layers.gated_deltanet import PluginGatedDeltaNet
-from vllm_hybrid_neuron.cpu.layers.routing import require, swap_layer_class
+from vllm_hybrid_neuron.cpu.layers.class_swap import require, swap_layer_class
 from vllm_hybrid_neuron.cpu.layers.bf16_linear_layers import use_bf16_linear
 from vllm_hybrid_neuron.cpu.layers.moe_experts import use_plugin_moe
 
