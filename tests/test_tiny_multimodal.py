@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from vllm_hybrid_neuron.families import FAMILIES
+
 # Tensor-name prefixes of the towers each family's multimodal checkpoint must hold.
 TOWERS = {
     "qwen3_5": ("model.visual.",),
     "gemma4": ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.",
                "model.embed_audio."),
 }
-ARCHITECTURE = {"qwen3_5": "Qwen3_5MoeForConditionalGeneration",
-                "gemma4": "Gemma4ForConditionalGeneration"}
+ARCHITECTURE = {"qwen3_5": FAMILIES["qwen3_5"].multimodal, "gemma4": FAMILIES["gemma4"].multimodal}
 
 
 def _tensor_names(model_dir: Path) -> list[str]:

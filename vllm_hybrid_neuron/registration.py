@@ -10,24 +10,13 @@ from __future__ import annotations
 import logging
 
 from vllm_hybrid_neuron import __version__, envs
+from vllm_hybrid_neuron.families import ARCHITECTURES, cpu_class_path
 
 # A child of vLLM's "vllm" logger, so its handler and format apply.
 logger = logging.getLogger("vllm.hybrid_neuron")
 
 # Architecture name -> "module:Class" of the plugin's CPU model classes.
-CPU_MODELS: dict[str, str] = {
-    "GraniteMoeHybridForCausalLM":
-        "vllm_hybrid_neuron.cpu.models.granite_moe_hybrid:GraniteMoeHybridForCausalLM",
-    "Qwen3_5MoeForCausalLM":
-        "vllm_hybrid_neuron.cpu.models.qwen3_5_moe:Qwen3_5MoeForCausalLM",
-    "Qwen3_5MoeForConditionalGeneration":
-        "vllm_hybrid_neuron.cpu.models.qwen3_5_moe:Qwen3_5MoeForConditionalGeneration",
-    "Gemma4ForCausalLM":
-        "vllm_hybrid_neuron.cpu.models.gemma4:Gemma4ForCausalLM",
-    "Gemma4ForConditionalGeneration":
-        "vllm_hybrid_neuron.cpu.models.gemma4:Gemma4ForConditionalGeneration",
-}
-ARCHITECTURES = tuple(CPU_MODELS)
+CPU_MODELS: dict[str, str] = {arch: cpu_class_path(arch) for arch in ARCHITECTURES}
 
 _state: dict[str, str | None] = {"backend": None}
 

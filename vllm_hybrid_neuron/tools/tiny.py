@@ -22,13 +22,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("granite", "qwen3_5", "gemma4")
+from vllm_hybrid_neuron.families import FAMILIES as _FAMILIES
 
-ARCHITECTURE = {
-    "granite": "GraniteMoeHybridForCausalLM",
-    "qwen3_5": "Qwen3_5MoeForCausalLM",
-    "gemma4": "Gemma4ForCausalLM",
-}
+FAMILIES = tuple(_FAMILIES)
+ARCHITECTURE = {name: f.causal for name, f in _FAMILIES.items()}
 
 # Each preset: config keyword arguments for the family's transformers config class.
 # vLLM's CPU attention takes head dims 32, 64, 80, ..., 256, 512 only.
@@ -110,10 +107,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # (whatever the preset; serving text-only loads and skips them). Vision head dim 32 as in the
 # text presets; patch / merge / pooling sizes are transformers' defaults, so the image processors'
 # patching stays valid.
-MULTIMODAL_ARCHITECTURE = {
-    "qwen3_5": "Qwen3_5MoeForConditionalGeneration",
-    "gemma4": "Gemma4ForConditionalGeneration",
-}
+MULTIMODAL_ARCHITECTURE = {name: f.multimodal for name, f in _FAMILIES.items() if f.multimodal}
 VISION_CONFIG: dict[str, dict[str, Any]] = {
     # + out_hidden_size = the text hidden size
     "qwen3_5": dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, in_channels=3,
