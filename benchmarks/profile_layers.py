@@ -25,8 +25,9 @@ def worker(model_dir: str) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_hybrid_neuron.tools import introspect
-
+    # Beside this script: benchmarks/ is sys.path[0] here, and vLLM's engine core and workers
+    # inherit sys.path, so apply_model's functions pickle by reference to this module.
+    import layer_profile
     llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=2048, enforce_eager=True,
               enable_prefix_caching=False, seed=0)
     out = {}
@@ -36,9 +37,9 @@ def worker(model_dir: str) -> dict:
                    for i in range(batch)]
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         llm.generate(prompts, params, use_tqdm=False)  # warm-up
-        llm.apply_model(introspect.start_layer_profile)
+        llm.apply_model(layer_profile.start_layer_profile)
         llm.generate(prompts, params, use_tqdm=False)
-        totals = llm.apply_model(introspect.stop_layer_profile)[0]
+        totals = llm.apply_model(layer_profile.stop_layer_profile)[0]
         step = totals.pop("model_step")  # all model forwards of the phase
         out[phase] = {"model_ms": step, **{k: v / step for k, v in totals.items()}}
     return out
@@ -74,7 +75,7 @@ def main() -> None:
     lines = [f"| {args.family} phase | path | model forward ms (total) | " + " | ".join(kinds) + " |",
              "|---|---|---|" + "---|" * len(kinds)]
     for phase in PHASES:
-        for path in ("plugin", "native"):
+        for path in [p for p in ("plugin", "native") if p in results]:
             r = results[path][phase]
             lines.append(f"| {phase} | {path} | {r['model_ms']:.0f} | "
                          + " | ".join(f"{100 * r.get(k, 0):.1f}%" for k in kinds) + " |")

@@ -162,3 +162,10 @@ def test_mixers_reach_vllm_state_only_through_the_seam(rel):
         x.split(".")[0] in {"meta", "ckpt", "checkpoint", "torch"} or "forward_context" in x
         or "mamba_utils" in x or "torch_utils" in x))
     assert reached == [], reached
+
+
+def test_private_vllm_names_are_touched_in_the_seam_only():
+    """vLLM's private names (and torch.ops.vllm) appear in cpu/vllm_seam.py alone."""
+    found = rec.scan()
+    elsewhere = {n: sorted(set(f) - {"cpu/vllm_seam.py"}) for n, f in found["private"].items()}
+    assert {n: f for n, f in elsewhere.items() if f} == {}

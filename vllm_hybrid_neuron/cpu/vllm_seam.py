@@ -1,15 +1,18 @@
-"""Where the CPU backend's recurrent mixers meet vLLM 0.32's internals: the one place they read.
+"""Where the CPU backend meets vLLM 0.32's internals: the one place it reads or sets them.
 
-Everything the mixers take from vLLM beyond the classes they subclass goes through here:
+Everything the CPU layers take from vLLM beyond the public classes they subclass (and their
+documented methods) goes through here:
 - the step's attention metadata (``Mamba2AttentionMetadata`` / ``GDNAttentionMetadata``, found
   in the forward context under the layer's prefix), turned into the plugin's ``RecurrentBatch``;
 - the layer's state cache views (``kv_cache``: conv state, recurrent state);
 - the plain (dim, width) conv weight vLLM keeps beside its packed bf16 copy;
 - vLLM's ``qwen_gdn_attention_core`` custom op (how both compile modes reach the GDN core) and
-  its bf16 chunked GDN CPU kernel.
+  its bf16 chunked GDN CPU kernel;
+- the private attributes the layer swaps set or read (``_forward_method``, ``_use_zentorch``,
+  ``_supports_onednn``, ``_output_projection``).
 The names and fields used here are recorded in ``cpu/vllm_surface.json`` and checked against the
 installed vLLM by ``tests/test_vllm_surface.py``; other vLLM internals the plugin relies on
-(config hooks, the block-size patch, layer-class swaps) are listed there too.
+(the config hook, the block-size patch in ``compat/``) are listed there too.
 """
 
 from __future__ import annotations
@@ -148,3 +151,28 @@ def plain_conv_weight(conv1d) -> torch.Tensor:
     unpacked = getattr(conv1d, "_cpu_unpacked_conv_weight", None)
     w = conv1d.weight
     return unpacked if unpacked is not None else w.view(w.size(0), w.size(-1))
+
+
+# ----------------------------------------------------------------------------- private attributes
+def rebind_forward(layer) -> None:
+    """vLLM's ``CustomOp`` binds its dispatch target (``_forward_method``) at ``__init__``; after
+    a class swap it must point at the plugin class's ``forward_cpu``."""
+    layer._forward_method = layer.forward_cpu
+
+
+def keep_off_zentorch(experts) -> None:
+    """``CPUUnquantizedExperts`` may route to zentorch (``_use_zentorch``): the plugin's op
+    computes the experts instead."""
+    experts._use_zentorch = False
+
+
+def onednn_supported() -> bool:
+    """Whether this vLLM build has oneDNN matmuls (``vllm._custom_ops._supports_onednn``)."""
+    from vllm import _custom_ops
+
+    return bool(getattr(_custom_ops, "_supports_onednn", False))
+
+
+def gdn_output_projection(layer, core_attn_out, z):
+    """``QwenGatedDeltaNetAttention._output_projection``: gated norm + out projection."""
+    return layer._output_projection(core_attn_out, z)

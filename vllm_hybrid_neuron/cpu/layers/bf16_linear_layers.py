@@ -24,6 +24,7 @@ from torch import nn
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
+from vllm_hybrid_neuron.cpu import vllm_seam
 from vllm_hybrid_neuron.ops.bf16_linear import bf16_linear
 
 logger = logging.getLogger("vllm.hybrid_neuron")
@@ -34,7 +35,7 @@ def onednn_bf16_matmul_available() -> bool:
     """Whether vLLM's oneDNN matmul can be built for a bf16 weight on this CPU."""
     from vllm import _custom_ops as ops
 
-    if not getattr(ops, "_supports_onednn", False):
+    if not vllm_seam.onednn_supported():
         return False
     try:
         ops.create_onednn_mm(torch.zeros(64, 64, dtype=torch.bfloat16).t(), 32)

@@ -64,7 +64,7 @@ class PluginGatedDeltaNet(QwenGatedDeltaNetAttention):
             (num_tokens, self.num_v_heads // self.tp_size, self.head_v_dim),
             dtype=hidden_states.dtype, device=hidden_states.device)
         vllm_seam.gdn_attention_core(mixed_qkv, b, a, core_attn_out, self.prefix)
-        return self._output_projection(core_attn_out, z)
+        return vllm_seam.gdn_output_projection(self, core_attn_out, z)
 
     # -- the core: conv + gated delta rule over each group of rows ----------------
     def _forward_core(self, mixed_qkv, b, a, core_attn_out):

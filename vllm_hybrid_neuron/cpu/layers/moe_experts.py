@@ -31,6 +31,7 @@ from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
 from vllm_hybrid_neuron import envs
+from vllm_hybrid_neuron.cpu import vllm_seam
 from vllm_hybrid_neuron.ops.moe import ACTIVATIONS, moe_experts
 
 logger = logging.getLogger("vllm.hybrid_neuron")
@@ -40,7 +41,7 @@ class PluginCPUExperts(CPUUnquantizedExperts):
     """vLLM's CPU experts interface, computed by ``moe_experts``."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        self._use_zentorch = False
+        vllm_seam.keep_off_zentorch(self)
         for name in ("w13_weight", "w2_weight"):  # (E, 2I, K), (E, K, I) as loaded
             param = getattr(layer, name)
             if not param.is_contiguous():

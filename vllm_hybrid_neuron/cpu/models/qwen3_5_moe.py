@@ -10,6 +10,7 @@ from vllm.model_executor.models.qwen3_5 import (
     Qwen3_5MoeForConditionalGeneration as _VllmQwen3_5MoeForConditionalGeneration,
 )
 
+from vllm_hybrid_neuron.cpu import vllm_seam
 from vllm_hybrid_neuron.cpu.layers.gated_deltanet import PluginGatedDeltaNet
 from vllm_hybrid_neuron.cpu.layers.class_swap import require, swap_layer_class
 from vllm_hybrid_neuron.cpu.layers.bf16_linear_layers import use_bf16_linear
@@ -37,7 +38,7 @@ def route_gated_deltanet(model, vllm_config) -> None:
                 "LoRA on Gated DeltaNet layers is not supported on the CPU backend")
     swap_layer_class(model, QwenGatedDeltaNetAttention, PluginGatedDeltaNet)
     for layer in layers:
-        layer._forward_method = layer.forward_cpu  # bound at vLLM's __init__
+        vllm_seam.rebind_forward(layer)
 
 
 class Qwen3_5MoeForCausalLM(_VllmQwen3_5MoeForCausalLM):
