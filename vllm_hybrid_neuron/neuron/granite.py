@@ -22,7 +22,7 @@ from vllm_hybrid_neuron.neuron.moe import GluMLP, RoutedExperts, from_fused_hf, 
 from vllm_hybrid_neuron.neuron.tp import (
     ShardedWeight, heads_per_rank, per_rank, reduce_sum, shard_fused, shard_heads, tp_degree,
 )
-from vllm_hybrid_neuron.neuron.ssd import causal_conv, next_conv_state, ssd_chunked, ssd_step
+from vllm_hybrid_neuron.recurrences import causal_conv, next_conv_state, ssd_chunked, ssd_step
 
 
 class GraniteMoeHybridInferenceConfig(base.InferenceConfig):
@@ -124,7 +124,8 @@ class Mamba2Mixer(nn.Module):
         if is_prefill:
             y, ssm = ssd_chunked(xs, dt, A, Bm, Cm, self.chunk)  # (B, L, H, P), (B, H, P, N)
         else:
-            y, ssm = ssd_step(read_slots(ssm_all, seq_ids), xs[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0])
+            y, ssm = ssd_step(read_slots(ssm_all, seq_ids), xs[:, 0], dt[:, 0, :, None], A[:, None, None],
+                              Bm[:, 0], Cm[:, 0])  # per-head dt and A
             y = y[:, None]  # (B, 1, H, P)
         y = y + self.D.weight.float()[:, None] * xs.float()
         y = self.gated_norm(y.reshape(Bsz, L, self.Il).to(x.dtype), z)

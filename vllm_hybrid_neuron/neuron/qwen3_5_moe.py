@@ -13,7 +13,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from vllm_hybrid_neuron.neuron import base
-from vllm_hybrid_neuron.neuron.gdn import chunk_gated_delta_rule, gated_delta_rule
 from vllm_hybrid_neuron.neuron.common import (
     RMSNorm, apply_partial_rope, attention_with_cache, read_slots, rope_cos_sin, write_slots,
 )
@@ -21,7 +20,7 @@ from vllm_hybrid_neuron.neuron.hybrid import HybridModelMixin, PortForCausalLM, 
 from vllm_hybrid_neuron.neuron.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from vllm_hybrid_neuron.neuron.moe import GluMLP, RoutedExperts, shard_glu, stack_experts, top_k_affinities
 from vllm_hybrid_neuron.neuron.tp import ShardedWeight, heads_per_rank, per_rank, shard_fused, shard_heads, tp_degree
-from vllm_hybrid_neuron.neuron.ssd import causal_conv, next_conv_state
+from vllm_hybrid_neuron.recurrences import causal_conv, chunk_gated_delta_rule, gated_delta_rule, next_conv_state
 
 
 class Qwen3_5MoeInferenceConfig(base.InferenceConfig):
