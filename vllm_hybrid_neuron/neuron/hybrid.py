@@ -14,6 +14,7 @@ from torch import nn
 
 from vllm_hybrid_neuron.neuron import base
 from vllm_hybrid_neuron.neuron.common import last_valid_index
+from vllm_hybrid_neuron.neuron.mixer import StateSpec, Step
 from vllm_hybrid_neuron.neuron.tp import require_nxd_for_tp
 
 
@@ -55,7 +56,8 @@ def flatten_text_config(config) -> None:
 
 
 class HybridModelMixin(nn.Module):
-    """Mixed into a NeuronBaseModel subclass that defines embed(), layers, logits()."""
+    """Mixed into a NeuronBaseModel subclass that defines embed(), layers, logits(); each layer is
+    called as ``layer(h, step, states)`` (``mixer.py``)."""
 
     all_logits = False  # CPU tests: return logits for every prompt position, not just the last
 
@@ -70,12 +72,12 @@ class HybridModelMixin(nn.Module):
         self.max_batch_size = nc.max_batch_size
         self.buckets = [nc.seq_len]
 
-    def init_states(self, per_layer: list[list[tuple[tuple[int, ...], torch.dtype | None, str]]],
-                    dtype: torch.dtype) -> None:
+    def init_states(self, per_layer: list[list[StateSpec]], dtype: torch.dtype) -> None:
         """Allocate every layer's state tensors, zeroed, as non-trainable parameters.
 
-        per_layer[i]: (shape, dtype or None for the model dtype, kind) per state tensor of layer i;
-        kind is "k"/"v" for KV caches (slots, Hkv, S, D), else a recurrent state's name.
+        per_layer[i]: layer i's ``mixer.state_shapes(slots, seq_len)``: (shape, dtype or None for
+        the model dtype, kind) per state tensor; kind is "k"/"v" for KV caches (slots, Hkv, S, D),
+        else a recurrent state's name.
         Each tensor gets one spare row after the slots: padded batch rows write there
         (``common.slot_rows``), so they never change a real sequence's state.
         """
@@ -116,11 +118,12 @@ class HybridModelMixin(nn.Module):
         valid = attention_mask[:, :input_ids.shape[1]] if is_prefill else torch.ones_like(input_ids)
         # A row without a valid token (a padded prefill line) belongs to no sequence: slot -1.
         seq_ids = torch.where(valid.sum(-1) > 0, seq_ids, torch.full_like(seq_ids, -1))
+        step = Step(valid, position_ids, seq_ids, is_prefill)
         states = list(self.past_key_values)
         new_states: list[torch.Tensor] = []
         h = self.embed(input_ids)  # (B, L, D)
         for layer, (a, b) in zip(self.layers, self.state_slices):
-            h, layer_states = layer(h, valid, position_ids, seq_ids, states[a:b], is_prefill)
+            h, layer_states = layer(h, step, states[a:b])
             new_states += layer_states
         if is_prefill and not self.all_logits:  # only the last real token's logits are needed
             idx = last_valid_index(valid)[:, None, None].expand(-1, 1, h.shape[-1])
