@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from vllm_hybrid_neuron.neuron import base
 from vllm_hybrid_neuron.neuron.common import RMSNorm, apply_partial_rope, attention_with_cache
 from vllm_hybrid_neuron.neuron.hybrid import (
-    HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config, flatten_text_config,
+    HybridInferenceConfig, HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config, flatten_text_config,
 )
 from vllm_hybrid_neuron.neuron.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from vllm_hybrid_neuron.neuron.mixer import Mixer, Step, kv_cache_shapes
@@ -68,7 +68,7 @@ def _reading_per_layer_attributes(load_config):
     return wrapped
 
 
-class Gemma4InferenceConfig(base.InferenceConfig):
+class Gemma4InferenceConfig(HybridInferenceConfig):
     def __init__(self, neuron_config, fused_spec_config=None, load_config=None, metadata=None,
                  **kwargs) -> None:
         if load_config is not None:
@@ -116,10 +116,6 @@ class Gemma4InferenceConfig(base.InferenceConfig):
                 "vocab_size", "rms_norm_eps", "layer_types", "sliding_window", "rope_parameters",
                 "intermediate_size", "hidden_activation", "final_logit_softcapping", "enable_moe_block",
                 "layer_head_dims", "layer_kv_heads"]
-
-    @classmethod
-    def get_neuron_config_cls(cls):
-        return base.MoENeuronConfig
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ from vllm_hybrid_neuron.neuron.common import (
     RMSNorm, apply_partial_rope, attention_with_cache, read_slots, rms_norm_gated, rope_cos_sin, write_slots,
 )
 from vllm_hybrid_neuron.neuron.hybrid import (
-    HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config,
+    HybridInferenceConfig, HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config,
 )
 from vllm_hybrid_neuron.neuron.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from vllm_hybrid_neuron.neuron.mixer import Mixer, StateSpec, Step, kv_cache_shapes
@@ -28,7 +28,7 @@ from vllm_hybrid_neuron.neuron.tp import (
 from vllm_hybrid_neuron.recurrences import causal_conv, next_conv_state, ssd_chunked, ssd_step
 
 
-class GraniteMoeHybridInferenceConfig(base.InferenceConfig):
+class GraniteMoeHybridInferenceConfig(HybridInferenceConfig):
     def add_derived_config(self) -> None:
         super().add_derived_config()
         # The hub's config.json files spell them "mamba" / "attention" (layers_block_type in older
@@ -50,10 +50,6 @@ class GraniteMoeHybridInferenceConfig(base.InferenceConfig):
                 "num_local_experts", "num_experts_per_tok", "intermediate_size",
                 "shared_intermediate_size", "embedding_multiplier", "logits_scaling",
                 "residual_multiplier", "attention_multiplier"]
-
-    @classmethod
-    def get_neuron_config_cls(cls):
-        return base.MoENeuronConfig
 
 
 class Mamba2Mixer(Mixer):

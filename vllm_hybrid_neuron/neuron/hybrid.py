@@ -44,6 +44,15 @@ def check_hybrid_neuron_config(config) -> None:
     nc.apply_seq_ids_mask = True
 
 
+class HybridInferenceConfig(base.InferenceConfig):
+    """What the three ports' InferenceConfigs share: the MoE neuron config (NxDI builds it from a
+    saved config with this class; the application class hands out the same one)."""
+
+    @classmethod
+    def get_neuron_config_cls(cls):
+        return base.MoENeuronConfig
+
+
 def flatten_text_config(config) -> None:
     """ConditionalGeneration checkpoints nest the text model under text_config: lift it up."""
     text = getattr(config, "text_config", None)
@@ -138,13 +147,13 @@ class HybridModelMixin(nn.Module):
 
 
 class PortForCausalLM(base.NeuronBaseForCausalLM):
-    """What the three ports' application classes share: MoE neuron config, HF loading,
-    tied embeddings. Each port adds ``_model_cls``, ``get_config_cls`` and
-    ``convert_hf_to_neuron_state_dict``."""
+    """What the three ports' application classes share: the neuron config class (their
+    InferenceConfig's), HF loading, tied embeddings. Each port adds ``_model_cls``,
+    ``get_config_cls`` (a ``HybridInferenceConfig``) and ``convert_hf_to_neuron_state_dict``."""
 
     @classmethod
     def get_neuron_config_cls(cls):
-        return base.MoENeuronConfig
+        return cls.get_config_cls().get_neuron_config_cls()
 
     @staticmethod
     def load_hf_model(model_path):

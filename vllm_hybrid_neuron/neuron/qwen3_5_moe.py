@@ -17,7 +17,7 @@ from vllm_hybrid_neuron.neuron.common import (
     RMSNorm, apply_partial_rope, attention_with_cache, read_slots, rope_cos_sin, write_slots,
 )
 from vllm_hybrid_neuron.neuron.hybrid import (
-    HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config, flatten_text_config,
+    HybridInferenceConfig, HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config, flatten_text_config,
 )
 from vllm_hybrid_neuron.neuron.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from vllm_hybrid_neuron.neuron.mixer import Mixer, StateSpec, Step, kv_cache_shapes
@@ -26,7 +26,7 @@ from vllm_hybrid_neuron.neuron.tp import ShardedWeight, heads_per_rank, per_rank
 from vllm_hybrid_neuron.recurrences import causal_conv, chunk_gated_delta_rule, gated_delta_rule, next_conv_state
 
 
-class Qwen3_5MoeInferenceConfig(base.InferenceConfig):
+class Qwen3_5MoeInferenceConfig(HybridInferenceConfig):
     def add_derived_config(self) -> None:
         super().add_derived_config()
         flatten_text_config(self)  # Qwen3_5MoeForConditionalGeneration nests the text model
@@ -42,10 +42,6 @@ class Qwen3_5MoeInferenceConfig(base.InferenceConfig):
                 "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
                 "linear_conv_kernel_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
                 "shared_expert_intermediate_size"]
-
-    @classmethod
-    def get_neuron_config_cls(cls):
-        return base.MoENeuronConfig
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
