@@ -68,8 +68,6 @@ class HybridModelMixin(nn.Module):
     """Mixed into a NeuronBaseModel subclass that defines embed(), layers, logits(); each layer is
     called as ``layer(h, step, states)`` (``mixer.py``)."""
 
-    all_logits = False  # CPU tests: return logits for every prompt position, not just the last
-
     def setup_attr_for_model(self, config) -> None:
         nc = config.neuron_config
         self.on_device_sampling = nc.on_device_sampling_config is not None
@@ -120,9 +118,8 @@ class HybridModelMixin(nn.Module):
         self.kv_mgr = _HybridStateView(self)
         self.sampler = base.create_sampler(config.neuron_config) if self.on_device_sampling else None
 
-    def forward(self, input_ids, attention_mask, position_ids, seq_ids, sampling_params, *unused):
-        """input_ids: (B, L); attention_mask: (B, L) prefill validity; position_ids: (B, L);
-        seq_ids: (B,) state slots. Returns [logits (B, 1 or L, V) or tokens, *new states]."""
+    def run_layers(self, input_ids, attention_mask, position_ids, seq_ids):
+        """Embedding and every layer: (h (B, L, D) at every position, the step, new states)."""
         is_prefill = input_ids.shape[1] > 1
         valid = attention_mask[:, :input_ids.shape[1]] if is_prefill else torch.ones_like(input_ids)
         # A row without a valid token (a padded prefill line) belongs to no sequence: slot -1.
@@ -134,10 +131,16 @@ class HybridModelMixin(nn.Module):
         for layer, (a, b) in zip(self.layers, self.state_slices):
             h, layer_states = layer(h, step, states[a:b])
             new_states += layer_states
-        if is_prefill and not self.all_logits:  # only the last real token's logits are needed
-            idx = last_valid_index(valid)[:, None, None].expand(-1, 1, h.shape[-1])
+        return h, step, new_states
+
+    def forward(self, input_ids, attention_mask, position_ids, seq_ids, sampling_params, *unused):
+        """input_ids: (B, L); attention_mask: (B, L) prefill validity; position_ids: (B, L);
+        seq_ids: (B,) state slots. Returns [logits (B, 1, V) or tokens, *new states]."""
+        h, step, new_states = self.run_layers(input_ids, attention_mask, position_ids, seq_ids)
+        if step.is_prefill:  # only the last real token's logits are needed
+            idx = last_valid_index(step.valid)[:, None, None].expand(-1, 1, h.shape[-1])
             h = torch.gather(h, 1, idx)  # (B, 1, D)
-        logits = self.logits(h)  # (B, 1 or L, V) fp32
+        logits = self.logits(h)  # (B, 1, V) fp32
         if self.sampler is None:
             return [logits, *new_states]
         tokens = self.sampler(logits[:, -1, :], sampling_params).to(torch.int32)
