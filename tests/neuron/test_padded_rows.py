@@ -59,6 +59,7 @@ def test_prefill_row_without_tokens_leaves_its_slot_alone(checkpoint, family):
     ids = torch.zeros(2, L, dtype=torch.long)
     mask = torch.zeros(2, L, dtype=torch.long)
     ids[0, :5], mask[0, :5] = torch.tensor(prompt(5, seed=15)), 1  # row 1: no valid token
-    r.step(ids, mask, torch.arange(L)[None].expand(2, L), torch.tensor([0, 1]))
+    # all positions' logits (as before: the flag this replaced stayed on from the prefill above)
+    r.step(ids, mask, torch.arange(L)[None].expand(2, L), torch.tensor([0, 1]), all_logits=True)
     for old, new in zip(before, r.model.past_key_values):
         assert torch.equal(old[1], new[1])

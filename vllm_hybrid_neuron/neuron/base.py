@@ -91,10 +91,6 @@ class _InferenceConfig:
     def get_text_config(self):
         return self
 
-    @classmethod
-    def get_neuron_config_cls(cls):
-        return _NeuronConfig
-
 
 class _NeuronBaseModel(nn.Module):
     """NeuronBaseModel's constructor protocol: setup_attr_for_model, init_model, init_inference_optimization."""

@@ -27,8 +27,14 @@ class CpuRunner:
         self.unexpected = list(result.unexpected_keys)
 
     @torch.no_grad()
-    def step(self, input_ids, attention_mask, position_ids, seq_ids):
-        outs = self.model(input_ids, attention_mask, position_ids, seq_ids, torch.ones(len(seq_ids), 3))
+    def step(self, input_ids, attention_mask, position_ids, seq_ids, all_logits: bool = False):
+        """One call of the traced graph. all_logits: the logits at every position, from the same
+        layers (the graph itself returns a prefill's last valid token only)."""
+        if all_logits:
+            h, _, new_states = self.model.run_layers(input_ids, attention_mask, position_ids, seq_ids)
+            outs = [self.model.logits(h), *new_states]
+        else:
+            outs = self.model(input_ids, attention_mask, position_ids, seq_ids, torch.ones(len(seq_ids), 3))
         for param, new in zip(self.model.past_key_values, outs[1:]):
             param.data = new  # what input_output_aliases does on device
         return outs[0]
@@ -43,8 +49,7 @@ class CpuRunner:
             ids[b, :len(p)] = torch.tensor(p)
             mask[b, :len(p)] = 1
         pos = torch.arange(L)[None].expand(len(prompts), L)
-        self.model.all_logits = all_logits
-        return self.step(ids, mask, pos, torch.tensor(seq_ids))
+        return self.step(ids, mask, pos, torch.tensor(seq_ids), all_logits=all_logits)
 
     def decode(self, tokens: list[int], positions: list[int], seq_ids: list[int]) -> torch.Tensor:
         """One token per sequence. Returns logits (B, 1, V)."""

@@ -25,8 +25,11 @@ from torch.nn import functional as F
 
 from vllm_hybrid_neuron.neuron import base
 from vllm_hybrid_neuron.neuron.common import RMSNorm, apply_partial_rope, attention_with_cache
-from vllm_hybrid_neuron.neuron.hybrid import HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config, flatten_text_config
+from vllm_hybrid_neuron.neuron.hybrid import (
+    HybridInferenceConfig, HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config, flatten_text_config,
+)
 from vllm_hybrid_neuron.neuron.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from vllm_hybrid_neuron.neuron.mixer import Mixer, Step, kv_cache_shapes
 from vllm_hybrid_neuron.neuron.moe import RoutedExperts, from_fused_hf, top_k_affinities
 from vllm_hybrid_neuron.neuron.tp import heads_per_rank, per_rank, shard_heads, tp_degree
 
@@ -65,7 +68,7 @@ def _reading_per_layer_attributes(load_config):
     return wrapped
 
 
-class Gemma4InferenceConfig(base.InferenceConfig):
+class Gemma4InferenceConfig(HybridInferenceConfig):
     def __init__(self, neuron_config, fused_spec_config=None, load_config=None, metadata=None,
                  **kwargs) -> None:
         if load_config is not None:
@@ -114,10 +117,6 @@ class Gemma4InferenceConfig(base.InferenceConfig):
                 "intermediate_size", "hidden_activation", "final_logit_softcapping", "enable_moe_block",
                 "layer_head_dims", "layer_kv_heads"]
 
-    @classmethod
-    def get_neuron_config_cls(cls):
-        return base.MoENeuronConfig
-
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) in fp32, no weight (Gemma 4's V norm and router norm)."""
@@ -140,7 +139,7 @@ def rope_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
     return F.pad(inv, (0, head_dim // 2 - angles)) / float(rope.get("factor", 1.0))
 
 
-class Gemma4Attention(nn.Module):
+class Gemma4Attention(Mixer):
     def __init__(self, config, layer_idx: int, dtype: torch.dtype) -> None:
         super().__init__()
         D, kind, tp = config.hidden_size, config.layer_types[layer_idx], tp_degree(config)
@@ -162,7 +161,7 @@ class Gemma4Attention(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(self.hd, rope), persistent=False)  # (hd/2,)
 
     def state_shapes(self, slots: int, seq_len: int):
-        return [((slots, self.Hkv, seq_len, self.hd), None, "k"), ((slots, self.Hkv, seq_len, self.hd), None, "v")]
+        return kv_cache_shapes(slots, self.Hkv, seq_len, self.hd)
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """position_ids: (B, L) -> cos, sin: (B, 1, L, hd)."""
@@ -170,7 +169,7 @@ class Gemma4Attention(nn.Module):
         emb = torch.cat([freqs, freqs], -1)[:, None]  # (B, 1, L, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, x, valid, position_ids, seq_ids, states, is_prefill):
+    def forward(self, x, step: Step, states):
         """x: (B, L, D); states: [k_cache, v_cache] (slots, Hkv, S, hd)."""
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, L, self.Hq, self.hd)).transpose(1, 2)  # (B, Hq, L, hd)
@@ -178,10 +177,10 @@ class Gemma4Attention(nn.Module):
         v_raw = k_raw if self.k_eq_v else self.v_proj(x).view(B, L, self.Hkv, self.hd)
         k = self.k_norm(k_raw).transpose(1, 2)  # (B, Hkv, L, hd)
         v = rms_normalize(v_raw, self.eps).transpose(1, 2)  # scale-free V norm
-        cos, sin = self.rope(position_ids, q.dtype)
+        cos, sin = self.rope(step.position_ids, q.dtype)
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        out, k_cache, v_cache = attention_with_cache(q, k, v, *states, valid, position_ids, seq_ids,
-                                                     1.0, is_prefill, sliding_window=self.window)
+        out, k_cache, v_cache = attention_with_cache(q, k, v, *states, step.valid, step.position_ids, step.seq_ids,
+                                                     1.0, step.is_prefill, sliding_window=self.window)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1)), [k_cache, v_cache]
 
 
@@ -245,8 +244,8 @@ class Gemma4DecoderLayer(nn.Module):
             setattr(self, name, RMSNorm(D, eps))
         self.layer_scalar = nn.Parameter(torch.ones(1, dtype=dtype))
 
-    def forward(self, h, valid, position_ids, seq_ids, states, is_prefill):
-        a, states = self.self_attn(self.input_layernorm(h), valid, position_ids, seq_ids, states, is_prefill)
+    def forward(self, h, step: Step, states):
+        a, states = self.self_attn(self.input_layernorm(h), step, states)
         h = h + self.post_attention_layernorm(a)
         f = self.mlp(self.pre_feedforward_layernorm(h))
         if self.moe is not None:  # dense MLP and routed experts side by side, each post-normed

@@ -16,16 +16,19 @@ from vllm_hybrid_neuron.neuron import base
 from vllm_hybrid_neuron.neuron.common import (
     RMSNorm, apply_partial_rope, attention_with_cache, read_slots, rms_norm_gated, rope_cos_sin, write_slots,
 )
-from vllm_hybrid_neuron.neuron.hybrid import HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config
+from vllm_hybrid_neuron.neuron.hybrid import (
+    HybridInferenceConfig, HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config,
+)
 from vllm_hybrid_neuron.neuron.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from vllm_hybrid_neuron.neuron.mixer import Mixer, StateSpec, Step, kv_cache_shapes
 from vllm_hybrid_neuron.neuron.moe import GluMLP, RoutedExperts, from_fused_hf, shard_glu, top_k_affinities
 from vllm_hybrid_neuron.neuron.tp import (
     ShardedWeight, heads_per_rank, per_rank, reduce_sum, shard_fused, shard_heads, tp_degree,
 )
-from vllm_hybrid_neuron.neuron.ssd import causal_conv, next_conv_state, ssd_chunked, ssd_step
+from vllm_hybrid_neuron.recurrences import causal_conv, next_conv_state, ssd_chunked, ssd_step
 
 
-class GraniteMoeHybridInferenceConfig(base.InferenceConfig):
+class GraniteMoeHybridInferenceConfig(HybridInferenceConfig):
     def add_derived_config(self) -> None:
         super().add_derived_config()
         # The hub's config.json files spell them "mamba" / "attention" (layers_block_type in older
@@ -48,12 +51,8 @@ class GraniteMoeHybridInferenceConfig(base.InferenceConfig):
                 "shared_intermediate_size", "embedding_multiplier", "logits_scaling",
                 "residual_multiplier", "attention_multiplier"]
 
-    @classmethod
-    def get_neuron_config_cls(cls):
-        return base.MoENeuronConfig
 
-
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(Mixer):
     """Mamba2 mixer; at TP > 1 each rank holds H/tp heads (their z, x, dt channels and their
     group's B, C) and the gated norm's mean square is summed over the ranks."""
 
@@ -86,9 +85,9 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = RowParallelLinear(self.I, D, bias=config.mamba_proj_bias, input_is_parallel=True,
                                           dtype=dtype)
 
-    def state_shapes(self, slots: int):
-        return [((slots, self.conv_dim, self.K - 1), None, "conv"),
-                ((slots, self.Hl, self.P, self.N), torch.float32, "ssm")]
+    def state_shapes(self, slots: int, seq_len: int):
+        return [StateSpec((slots, self.conv_dim, self.K - 1), None, "conv"),
+                StateSpec((slots, self.Hl, self.P, self.N), torch.float32, "ssm")]
 
     def gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """w * norm(y * silu(z)) over all I channels (transformers' norm_before_gate=False, one group):
@@ -99,8 +98,9 @@ class Mamba2Mixer(nn.Module):
         mean_sq = reduce_sum(h.pow(2).sum(-1, keepdim=True), self.tp) / self.I
         return (self.norm_weight.weight.float() * h * torch.rsqrt(mean_sq + self.eps)).type_as(y)
 
-    def forward(self, x, valid, seq_ids, states, is_prefill):
-        """x: (B, L, D); valid: (B, L) 1 on real tokens; states: [conv (slots,C,K-1), ssm (slots,Hl,P,N)]."""
+    def forward(self, x, step: Step, states):
+        """x: (B, L, D); states: [conv (slots,C,K-1), ssm (slots,Hl,P,N)]."""
+        valid, seq_ids, is_prefill = step.valid, step.seq_ids, step.is_prefill
         conv_all, ssm_all = states
         Bsz, L, _ = x.shape
         z, xBC, dt = self.in_proj(x).split([self.Il, self.conv_dim, self.Hl], -1)
@@ -124,14 +124,15 @@ class Mamba2Mixer(nn.Module):
         if is_prefill:
             y, ssm = ssd_chunked(xs, dt, A, Bm, Cm, self.chunk)  # (B, L, H, P), (B, H, P, N)
         else:
-            y, ssm = ssd_step(read_slots(ssm_all, seq_ids), xs[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0])
+            y, ssm = ssd_step(read_slots(ssm_all, seq_ids), xs[:, 0], dt[:, 0, :, None], A[:, None, None],
+                              Bm[:, 0], Cm[:, 0])  # per-head dt and A
             y = y[:, None]  # (B, 1, H, P)
         y = y + self.D.weight.float()[:, None] * xs.float()
         y = self.gated_norm(y.reshape(Bsz, L, self.Il).to(x.dtype), z)
         return self.out_proj(y), [write_slots(conv_all, seq_ids, new_conv), write_slots(ssm_all, seq_ids, ssm)]
 
 
-class GraniteAttention(nn.Module):
+class GraniteAttention(Mixer):
     """GQA attention; NoPE for Granite 4.0-H (RoPE when position_embedding_type == "rope")."""
 
     def __init__(self, config, dtype: torch.dtype) -> None:
@@ -150,19 +151,18 @@ class GraniteAttention(nn.Module):
         self.o_proj = RowParallelLinear(tp * self.Hq * self.hd, D, bias=bias, input_is_parallel=True, dtype=dtype)
 
     def state_shapes(self, slots: int, seq_len: int):
-        shape = (slots, self.Hkv, seq_len, self.hd)
-        return [(shape, None, "k"), (shape, None, "v")]
+        return kv_cache_shapes(slots, self.Hkv, seq_len, self.hd)
 
-    def forward(self, x, valid, position_ids, seq_ids, states, is_prefill):
+    def forward(self, x, step: Step, states):
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.Hq, self.hd).transpose(1, 2)  # (B, Hq, L, hd)
         k = self.k_proj(x).view(B, L, self.Hkv, self.hd).transpose(1, 2)  # (B, Hkv, L, hd)
         v = self.v_proj(x).view(B, L, self.Hkv, self.hd).transpose(1, 2)
         if self.rope_theta is not None:
-            cos, sin = rope_cos_sin(position_ids, self.hd, self.rope_theta, q.dtype)
+            cos, sin = rope_cos_sin(step.position_ids, self.hd, self.rope_theta, q.dtype)
             q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        out, k_cache, v_cache = attention_with_cache(q, k, v, *states, valid, position_ids, seq_ids,
-                                                     self.scale, is_prefill)
+        out, k_cache, v_cache = attention_with_cache(q, k, v, *states, step.valid, step.position_ids,
+                                                     step.seq_ids, self.scale, step.is_prefill)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1)), [k_cache, v_cache]
 
 
@@ -187,19 +187,14 @@ class GraniteMoE(nn.Module):
 class GraniteDecoderLayer(nn.Module):
     def __init__(self, config, layer_type: str, dtype: torch.dtype) -> None:
         super().__init__()
-        self.is_mamba = layer_type != "full_attention"
-        self.mixer = Mamba2Mixer(config, dtype) if self.is_mamba else GraniteAttention(config, dtype)
+        self.mixer = Mamba2Mixer(config, dtype) if layer_type != "full_attention" else GraniteAttention(config, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.moe = GraniteMoE(config, dtype)
         self.residual_multiplier = config.residual_multiplier
 
-    def forward(self, h, valid, position_ids, seq_ids, states, is_prefill):
-        x = self.input_layernorm(h)
-        if self.is_mamba:
-            x, states = self.mixer(x, valid, seq_ids, states, is_prefill)
-        else:
-            x, states = self.mixer(x, valid, position_ids, seq_ids, states, is_prefill)
+    def forward(self, h, step: Step, states):
+        x, states = self.mixer(self.input_layernorm(h), step, states)
         h = h + self.residual_multiplier * x
         h = h + self.residual_multiplier * self.moe(self.post_attention_layernorm(h))
         return h, states
@@ -217,9 +212,7 @@ class NeuronGraniteMoeHybridModel(HybridModelMixin, base.NeuronBaseModel):
         self.embedding_multiplier = config.embedding_multiplier
         self.logits_scaling = config.logits_scaling
         slots, S = self.max_batch_size, config.neuron_config.seq_len
-        self.init_states([
-            layer.mixer.state_shapes(slots) if layer.is_mamba else layer.mixer.state_shapes(slots, S)
-            for layer in self.layers], dtype)
+        self.init_states([layer.mixer.state_shapes(slots, S) for layer in self.layers], dtype)
 
     def embed(self, input_ids):
         return self.embed_tokens(input_ids) * self.embedding_multiplier

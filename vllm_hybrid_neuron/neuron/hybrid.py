@@ -14,6 +14,7 @@ from torch import nn
 
 from vllm_hybrid_neuron.neuron import base
 from vllm_hybrid_neuron.neuron.common import last_valid_index
+from vllm_hybrid_neuron.neuron.mixer import StateSpec, Step
 from vllm_hybrid_neuron.neuron.tp import require_nxd_for_tp
 
 
@@ -43,6 +44,15 @@ def check_hybrid_neuron_config(config) -> None:
     nc.apply_seq_ids_mask = True
 
 
+class HybridInferenceConfig(base.InferenceConfig):
+    """What the three ports' InferenceConfigs share: the MoE neuron config (NxDI builds it from a
+    saved config with this class; the application class hands out the same one)."""
+
+    @classmethod
+    def get_neuron_config_cls(cls):
+        return base.MoENeuronConfig
+
+
 def flatten_text_config(config) -> None:
     """ConditionalGeneration checkpoints nest the text model under text_config: lift it up."""
     text = getattr(config, "text_config", None)
@@ -55,9 +65,8 @@ def flatten_text_config(config) -> None:
 
 
 class HybridModelMixin(nn.Module):
-    """Mixed into a NeuronBaseModel subclass that defines embed(), layers, logits()."""
-
-    all_logits = False  # CPU tests: return logits for every prompt position, not just the last
+    """Mixed into a NeuronBaseModel subclass that defines embed(), layers, logits(); each layer is
+    called as ``layer(h, step, states)`` (``mixer.py``)."""
 
     def setup_attr_for_model(self, config) -> None:
         nc = config.neuron_config
@@ -70,12 +79,12 @@ class HybridModelMixin(nn.Module):
         self.max_batch_size = nc.max_batch_size
         self.buckets = [nc.seq_len]
 
-    def init_states(self, per_layer: list[list[tuple[tuple[int, ...], torch.dtype | None, str]]],
-                    dtype: torch.dtype) -> None:
+    def init_states(self, per_layer: list[list[StateSpec]], dtype: torch.dtype) -> None:
         """Allocate every layer's state tensors, zeroed, as non-trainable parameters.
 
-        per_layer[i]: (shape, dtype or None for the model dtype, kind) per state tensor of layer i;
-        kind is "k"/"v" for KV caches (slots, Hkv, S, D), else a recurrent state's name.
+        per_layer[i]: layer i's ``mixer.state_shapes(slots, seq_len)``: (shape, dtype or None for
+        the model dtype, kind) per state tensor; kind is "k"/"v" for KV caches (slots, Hkv, S, D),
+        else a recurrent state's name.
         Each tensor gets one spare row after the slots: padded batch rows write there
         (``common.slot_rows``), so they never change a real sequence's state.
         """
@@ -109,23 +118,29 @@ class HybridModelMixin(nn.Module):
         self.kv_mgr = _HybridStateView(self)
         self.sampler = base.create_sampler(config.neuron_config) if self.on_device_sampling else None
 
-    def forward(self, input_ids, attention_mask, position_ids, seq_ids, sampling_params, *unused):
-        """input_ids: (B, L); attention_mask: (B, L) prefill validity; position_ids: (B, L);
-        seq_ids: (B,) state slots. Returns [logits (B, 1 or L, V) or tokens, *new states]."""
+    def run_layers(self, input_ids, attention_mask, position_ids, seq_ids):
+        """Embedding and every layer: (h (B, L, D) at every position, the step, new states)."""
         is_prefill = input_ids.shape[1] > 1
         valid = attention_mask[:, :input_ids.shape[1]] if is_prefill else torch.ones_like(input_ids)
         # A row without a valid token (a padded prefill line) belongs to no sequence: slot -1.
         seq_ids = torch.where(valid.sum(-1) > 0, seq_ids, torch.full_like(seq_ids, -1))
+        step = Step(valid, position_ids, seq_ids, is_prefill)
         states = list(self.past_key_values)
         new_states: list[torch.Tensor] = []
         h = self.embed(input_ids)  # (B, L, D)
         for layer, (a, b) in zip(self.layers, self.state_slices):
-            h, layer_states = layer(h, valid, position_ids, seq_ids, states[a:b], is_prefill)
+            h, layer_states = layer(h, step, states[a:b])
             new_states += layer_states
-        if is_prefill and not self.all_logits:  # only the last real token's logits are needed
-            idx = last_valid_index(valid)[:, None, None].expand(-1, 1, h.shape[-1])
+        return h, step, new_states
+
+    def forward(self, input_ids, attention_mask, position_ids, seq_ids, sampling_params, *unused):
+        """input_ids: (B, L); attention_mask: (B, L) prefill validity; position_ids: (B, L);
+        seq_ids: (B,) state slots. Returns [logits (B, 1, V) or tokens, *new states]."""
+        h, step, new_states = self.run_layers(input_ids, attention_mask, position_ids, seq_ids)
+        if step.is_prefill:  # only the last real token's logits are needed
+            idx = last_valid_index(step.valid)[:, None, None].expand(-1, 1, h.shape[-1])
             h = torch.gather(h, 1, idx)  # (B, 1, D)
-        logits = self.logits(h)  # (B, 1 or L, V) fp32
+        logits = self.logits(h)  # (B, 1, V) fp32
         if self.sampler is None:
             return [logits, *new_states]
         tokens = self.sampler(logits[:, -1, :], sampling_params).to(torch.int32)
@@ -135,13 +150,13 @@ class HybridModelMixin(nn.Module):
 
 
 class PortForCausalLM(base.NeuronBaseForCausalLM):
-    """What the three ports' application classes share: MoE neuron config, HF loading,
-    tied embeddings. Each port adds ``_model_cls``, ``get_config_cls`` and
-    ``convert_hf_to_neuron_state_dict``."""
+    """What the three ports' application classes share: the neuron config class (their
+    InferenceConfig's), HF loading, tied embeddings. Each port adds ``_model_cls``,
+    ``get_config_cls`` (a ``HybridInferenceConfig``) and ``convert_hf_to_neuron_state_dict``."""
 
     @classmethod
     def get_neuron_config_cls(cls):
-        return base.MoENeuronConfig
+        return cls.get_config_cls().get_neuron_config_cls()
 
     @staticmethod
     def load_hf_model(model_path):

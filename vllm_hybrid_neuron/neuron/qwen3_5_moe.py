@@ -13,18 +13,20 @@ from torch import nn
 from torch.nn import functional as F
 
 from vllm_hybrid_neuron.neuron import base
-from vllm_hybrid_neuron.neuron.gdn import chunk_gated_delta_rule, gated_delta_rule
 from vllm_hybrid_neuron.neuron.common import (
     RMSNorm, apply_partial_rope, attention_with_cache, read_slots, rope_cos_sin, write_slots,
 )
-from vllm_hybrid_neuron.neuron.hybrid import HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config, flatten_text_config
+from vllm_hybrid_neuron.neuron.hybrid import (
+    HybridInferenceConfig, HybridModelMixin, PortForCausalLM, check_hybrid_neuron_config, flatten_text_config,
+)
 from vllm_hybrid_neuron.neuron.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from vllm_hybrid_neuron.neuron.mixer import Mixer, StateSpec, Step, kv_cache_shapes
 from vllm_hybrid_neuron.neuron.moe import GluMLP, RoutedExperts, shard_glu, stack_experts, top_k_affinities
 from vllm_hybrid_neuron.neuron.tp import ShardedWeight, heads_per_rank, per_rank, shard_fused, shard_heads, tp_degree
-from vllm_hybrid_neuron.neuron.ssd import causal_conv, next_conv_state
+from vllm_hybrid_neuron.recurrences import causal_conv, chunk_gated_delta_rule, gated_delta_rule, next_conv_state
 
 
-class Qwen3_5MoeInferenceConfig(base.InferenceConfig):
+class Qwen3_5MoeInferenceConfig(HybridInferenceConfig):
     def add_derived_config(self) -> None:
         super().add_derived_config()
         flatten_text_config(self)  # Qwen3_5MoeForConditionalGeneration nests the text model
@@ -41,16 +43,12 @@ class Qwen3_5MoeInferenceConfig(base.InferenceConfig):
                 "linear_conv_kernel_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
                 "shared_expert_intermediate_size"]
 
-    @classmethod
-    def get_neuron_config_cls(cls):
-        return base.MoENeuronConfig
-
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(Mixer):
     def __init__(self, config, dtype: torch.dtype) -> None:
         super().__init__()
         D, tp = config.hidden_size, tp_degree(config)
@@ -75,12 +73,13 @@ class GatedDeltaNet(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(self.Dv, dtype=dtype))  # per head dim: replicated
         self.out_proj = RowParallelLinear(tp * self.value_dim, D, bias=False, input_is_parallel=True, dtype=dtype)
 
-    def state_shapes(self, slots: int):
-        return [((slots, self.conv_dim, self.K - 1), None, "conv"),
-                ((slots, self.Hv, self.Dk, self.Dv), torch.float32, "recurrent")]
+    def state_shapes(self, slots: int, seq_len: int):
+        return [StateSpec((slots, self.conv_dim, self.K - 1), None, "conv"),
+                StateSpec((slots, self.Hv, self.Dk, self.Dv), torch.float32, "recurrent")]
 
-    def forward(self, x, valid, seq_ids, states, is_prefill):
-        """x: (B, L, D); valid: (B, L); states: [conv (slots, C, K-1), recurrent (slots, Hv, Dk, Dv)]."""
+    def forward(self, x, step: Step, states):
+        """x: (B, L, D); states: [conv (slots, C, K-1), recurrent (slots, Hv, Dk, Dv)]."""
+        valid, seq_ids, is_prefill = step.valid, step.seq_ids, step.is_prefill
         conv_all, rec_all = states
         B, L, _ = x.shape
         m = valid[..., None].to(x.dtype)  # (B, L, 1)
@@ -112,7 +111,7 @@ class GatedDeltaNet(nn.Module):
         return out, [write_slots(conv_all, seq_ids, new_conv), write_slots(rec_all, seq_ids, rec)]
 
 
-class GatedAttention(nn.Module):
+class GatedAttention(Mixer):
     """GQA with Q/K (1+w) RMSNorm, partial RoPE, and a sigmoid output gate from q_proj."""
 
     def __init__(self, config, dtype: torch.dtype) -> None:
@@ -132,19 +131,18 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm(self.hd, config.rms_norm_eps, offset=1.0)
 
     def state_shapes(self, slots: int, seq_len: int):
-        shape = (slots, self.Hkv, seq_len, self.hd)
-        return [(shape, None, "k"), (shape, None, "v")]
+        return kv_cache_shapes(slots, self.Hkv, seq_len, self.hd)
 
-    def forward(self, x, valid, position_ids, seq_ids, states, is_prefill):
+    def forward(self, x, step: Step, states):
         B, L, _ = x.shape
         q, gate = self.q_proj(x).view(B, L, self.Hq, 2 * self.hd).chunk(2, -1)  # (B, L, Hq, hd) each
         q = self.q_norm(q).transpose(1, 2)  # (B, Hq, L, hd)
         k = self.k_norm(self.k_proj(x).view(B, L, self.Hkv, self.hd)).transpose(1, 2)  # (B, Hkv, L, hd)
         v = self.v_proj(x).view(B, L, self.Hkv, self.hd).transpose(1, 2)
-        cos, sin = rope_cos_sin(position_ids, self.rot_dim, self.theta, q.dtype)
+        cos, sin = rope_cos_sin(step.position_ids, self.rot_dim, self.theta, q.dtype)
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        out, k_cache, v_cache = attention_with_cache(q, k, v, *states, valid, position_ids, seq_ids,
-                                                     self.hd ** -0.5, is_prefill)
+        out, k_cache, v_cache = attention_with_cache(q, k, v, *states, step.valid, step.position_ids,
+                                                     step.seq_ids, self.hd ** -0.5, step.is_prefill)
         out = out.transpose(1, 2).reshape(B, L, -1) * torch.sigmoid(gate.reshape(B, L, -1))
         return self.o_proj(out), [k_cache, v_cache]
 
@@ -172,18 +170,13 @@ class Qwen3_5MoE(nn.Module):
 class Qwen3_5DecoderLayer(nn.Module):
     def __init__(self, config, layer_type: str, dtype: torch.dtype) -> None:
         super().__init__()
-        self.is_linear = layer_type == "linear_attention"
-        self.mixer = GatedDeltaNet(config, dtype) if self.is_linear else GatedAttention(config, dtype)
+        self.mixer = GatedDeltaNet(config, dtype) if layer_type == "linear_attention" else GatedAttention(config, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=1.0)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=1.0)
         self.moe = Qwen3_5MoE(config, dtype)
 
-    def forward(self, h, valid, position_ids, seq_ids, states, is_prefill):
-        x = self.input_layernorm(h)
-        if self.is_linear:
-            x, states = self.mixer(x, valid, seq_ids, states, is_prefill)
-        else:
-            x, states = self.mixer(x, valid, position_ids, seq_ids, states, is_prefill)
+    def forward(self, h, step: Step, states):
+        x, states = self.mixer(self.input_layernorm(h), step, states)
         h = h + x
         return h + self.moe(self.post_attention_layernorm(h)), states
 
@@ -198,9 +191,7 @@ class NeuronQwen3_5MoeModel(HybridModelMixin, base.NeuronBaseModel):
         self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, bias=False,
                                             gather_output=not self.on_device_sampling, dtype=dtype)
         slots, S = self.max_batch_size, config.neuron_config.seq_len
-        self.init_states([
-            layer.mixer.state_shapes(slots) if layer.is_linear else layer.mixer.state_shapes(slots, S)
-            for layer in self.layers], dtype)
+        self.init_states([layer.mixer.state_shapes(slots, S) for layer in self.layers], dtype)
 
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)

@@ -7,14 +7,19 @@ q/k have H heads, v has HV >= H heads (value head hv reads key head hv // (HV //
 and ``fused_sigmoid_gating_delta_rule_update``: decode / speculative decode with state indices:
 initial state from ``ssm_state_indices[n, num_accepted - 1]``, state after token t to
 ``ssm_state_indices[n, t]``; entries <= 0 (null block / padding) are skipped.
+
+The ``*_ref`` functions are the references the C++ kernels are tested against: the maths is
+``vllm_hybrid_neuron.recurrences.gated_delta_rule`` (state ``(H, Dk, Dv)`` there, the transpose
+of these (HV, V, K) rows); here only the head repeat, q/k l2-norm and scale, the varlen /
+slot / speculative bookkeeping and the layout transposes.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from vllm_hybrid_neuron.ops._library import ops, require_c
+from vllm_hybrid_neuron import recurrences
 
 CHUNK = 64
 
@@ -33,7 +38,7 @@ def fused_recurrent_gated_delta_rule_ref(
     q, k, v, g, beta=None, scale=None, initial_state=None, inplace_final_state=True,
     cu_seqlens=None, ssm_state_indices=None, num_accepted_tokens=None, use_qk_l2norm_in_kernel=False,
 ):
-    """Reference recurrent gated delta rule.
+    """Reference recurrent gated delta rule (``recurrences.gated_delta_rule_step`` per token).
 
     q, k: [B, T, H, K]; v: [B, T, HV, V]; g, beta: [B, T, HV] (g in log space)
     initial_state: [slots, HV, V, K] (with ssm_state_indices) or [N, HV, V, K]
@@ -51,6 +56,7 @@ def fused_recurrent_gated_delta_rule_ref(
     qf, kf, vf, gf, bf = (_flat(t).float() for t in (q, k, v, g, beta))
     if use_qk_l2norm_in_kernel:
         qf, kf = _l2(qf), _l2(kf)
+    qf, kf = qf.repeat_interleave(HV // H, 1) * scale, kf.repeat_interleave(HV // H, 1)  # (B*T, HV, K)
     o = torch.zeros(Bsz * T, HV, V, dtype=v.dtype)
     final = initial_state if inplace_final_state else initial_state.new_empty(Bsz * T, HV, V, K)
     if cu_seqlens is not None:
@@ -71,20 +77,18 @@ def fused_recurrent_gated_delta_rule_ref(
             S = initial_state[src].float()                                  # (HV, V, K)
         else:
             S = initial_state[n].float() if initial_state is not None else torch.zeros(HV, V, K)
+        S_kv = S.transpose(-1, -2)                                          # (HV, K, V)
         for t in range(eos - bos):
             tok = bos + t
-            qt = qf[tok].repeat_interleave(HV // H, 0) * scale              # (HV, K)
-            kt = kf[tok].repeat_interleave(HV // H, 0)
-            S = S * torch.exp(gf[tok])[:, None, None]
-            u = bf[tok][:, None] * (vf[tok] - (S @ kt[..., None])[..., 0])  # (HV, V)
-            S = S + u[..., None] * kt[:, None, :]
-            o[tok] = (S @ qt[..., None])[..., 0].to(o.dtype)
+            o_t, S_kv = recurrences.gated_delta_rule_step(qf[tok], kf[tok], vf[tok], gf[tok], bf[tok], S_kv)
+            o[tok] = o_t.to(o.dtype)
+            S = S_kv.transpose(-1, -2).to(final.dtype)                      # (HV, V, K)
             if inplace_final_state:
                 dst = int(idx[n, t]) if idx is not None else n
                 if idx is None or dst > 0:
-                    final[dst] = S.to(final.dtype)
+                    final[dst] = S
             else:
-                final[tok] = S.to(final.dtype)
+                final[tok] = S
     return o.view(Bsz, T, HV, V), final
 
 
@@ -158,7 +162,7 @@ def chunk_gated_delta_rule_ref(
     q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
     use_qk_l2norm_in_kernel=False, initial_state_indices=None, **kwargs,
 ):
-    """Reference chunked gated delta rule (WY representation, chunk 64).
+    """Reference chunked gated delta rule (``recurrences.chunk_gated_delta_rule``, chunk 64).
 
     q, k: [B, T, H, K]; v: [B, T, HV, V]; g, beta: [B, T, HV]; cu_seqlens: [N + 1] (B == 1)
     initial_state: [N, HV, V, K], or with ``initial_state_indices`` ([N]) the state pool, which
@@ -171,7 +175,7 @@ def chunk_gated_delta_rule_ref(
     qf, kf, vf, gf, bf = (_flat(t).float() for t in (q, k, v, g, beta))
     if use_qk_l2norm_in_kernel:
         qf, kf = _l2(qf), _l2(kf)
-    qf, kf = qf.repeat_interleave(HV // H, 1), kf.repeat_interleave(HV // H, 1)  # (T, HV, K)
+    qf, kf = qf.repeat_interleave(HV // H, 1) * scale, kf.repeat_interleave(HV // H, 1)  # (B*T, HV, K)
     cu = cu_seqlens if cu_seqlens is not None else torch.arange(0, (Bsz + 1) * T, T)
     N = cu.numel() - 1
     o = torch.zeros(Bsz * T, HV, V, dtype=v.dtype)
@@ -182,21 +186,12 @@ def chunk_gated_delta_rule_ref(
         if slot < 0:
             continue
         S = initial_state[slot].float() if initial_state is not None else torch.zeros(HV, V, K)
-        for c0 in range(bos, eos, CHUNK):
-            sl = slice(c0, min(c0 + CHUNK, eos))
-            Q, Kc, Vc = qf[sl].transpose(0, 1) * scale, kf[sl].transpose(0, 1), vf[sl].transpose(0, 1)
-            bt, gc = bf[sl].t(), torch.cumsum(gf[sl].t(), dim=1)           # (HV, L)
-            L = Q.shape[1]
-            seg = gc[:, :, None] - gc[:, None, :]
-            incl = torch.ones(L, L, dtype=torch.bool).tril()
-            dec = torch.where(incl, torch.exp(seg.masked_fill(~incl, 0.0)), 0.0)  # (HV, L, L)
-            A = (bt[..., None] * dec * (Kc @ Kc.transpose(1, 2))).tril(-1)
-            Tinv = torch.linalg.inv(torch.eye(L) + A)                       # unit lower triangular
-            G = torch.exp(gc)
-            U = Tinv @ (bt[..., None] * Vc) - Tinv @ ((bt * G)[..., None] * Kc) @ S.transpose(1, 2)
-            O = G[..., None] * (Q @ S.transpose(1, 2)) + ((Q @ Kc.transpose(1, 2)) * dec) @ U
-            S = G[:, -1, None, None] * S + U.transpose(1, 2) @ (torch.exp(gc[:, -1:] - gc)[..., None] * Kc)
-            o[sl] = O.transpose(0, 1).to(o.dtype)
+        if eos > bos:
+            sl = slice(bos, eos)
+            O, S_kv = recurrences.chunk_gated_delta_rule(qf[None, sl], kf[None, sl], vf[None, sl], gf[None, sl],
+                                                         bf[None, sl], S.transpose(-1, -2)[None], CHUNK)
+            o[sl] = O[0].to(o.dtype)
+            S = S_kv[0].transpose(-1, -2)                                   # (HV, V, K)
         finals[n] = S
         if initial_state_indices is not None:
             initial_state[slot] = S.to(initial_state.dtype)

@@ -7,6 +7,10 @@ Per token, per head h (group g = h // (nheads // ngroups)):
 Speculative mode (num_accepted_tokens): the initial state is read from
 ``state_batch_indices[b, num_accepted - 1]``, the state after token t is written to
 ``dst_state_batch_indices[b, t]``; null entries are skipped.
+
+The reference's recurrence is ``vllm_hybrid_neuron.recurrences.ssd_step`` (the state rows are its
+``state_pn`` layout, dt and A per element); here dt's bias / softplus, the group-to-head
+expansion, D, z and the slot / speculative / null-block bookkeeping.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vllm_hybrid_neuron import recurrences
 from vllm_hybrid_neuron.ops._library import ops, require_c
 from vllm_hybrid_neuron.ops.slots import NULL_BLOCK_ID
 
@@ -42,7 +47,7 @@ def selective_state_update_ref(
     state_batch_indices=None, dst_state_batch_indices=None, null_block_id=NULL_BLOCK_ID,
     out=None, num_accepted_tokens=None, cu_seqlens=None, **kwargs,
 ):
-    """Reference selective_state_update.
+    """Reference selective_state_update (``recurrences.ssd_step`` per token).
 
     state: (slots, nheads, dim, dstate) or (slots, dim, dstate); may be a view with padded stride(0)
     x, dt, z: (tokens, nheads, dim) or (tokens, dim); dt may be a stride-0 expand of (tokens, nheads)
@@ -74,11 +79,9 @@ def selective_state_update_ref(
             tok = bos + t
             d = dt[tok].float() + (dt_bias.float() if dt_bias is not None else 0.0)  # (nheads, dim)
             d = F.softplus(d) if dt_softplus else d
-            dA = torch.exp(A.float() * d[..., None])                                 # (nheads, dim, dstate)
             Bh = B[tok].float().repeat_interleave(nheads // ngroups, 0)              # (nheads, dstate)
             Ch = C[tok].float().repeat_interleave(nheads // ngroups, 0)
-            h = h * dA + (d * x[tok].float())[..., None] * Bh[:, None, :]
-            y = (h * Ch[:, None, :]).sum(-1)                                         # (nheads, dim)
+            y, h = recurrences.ssd_step(h, x[tok], d, A, Bh, Ch)                     # (nheads, dim), h
             if D is not None:
                 y = y + x[tok].float() * D.float()
             if z is not None:

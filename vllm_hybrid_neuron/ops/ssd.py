@@ -8,6 +8,10 @@ The sequence is cut into chunks (``cu_chunk_seqlens``; a chunk never spans two s
 of every chunk when ``return_intermediate_states`` (prefix-caching "align" mode indexes it with
 ``last_chunk_indices`` and reads block-boundary checkpoints from it), else one final state per
 sequence.
+
+The reference runs ``vllm_hybrid_neuron.recurrences.ssd_chunked`` on each chunk (one L x L scan,
+entering state from the previous chunk of the same sequence); it adds dt's bias / softplus /
+clamp, the group-to-head expansion, D and z, and the chunk / sequence bookkeeping.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vllm_hybrid_neuron import recurrences
 from vllm_hybrid_neuron.ops._library import ops, require_c
 
 
@@ -32,7 +37,7 @@ def mamba_chunk_scan_combined_varlen_ref(
     D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
     dt_limit=(0.0, float("inf")), return_intermediate_states=False, state_dtype=None,
 ):
-    """Reference chunked SSD (plain torch, one chunk at a time).
+    """Reference chunked SSD (``recurrences.ssd_chunked``, one chunk at a time).
 
     x: (seqlen, nheads, headdim); dt: (seqlen, nheads); A: (nheads,)
     B, C: (seqlen, ngroups, dstate)
@@ -58,20 +63,11 @@ def mamba_chunk_scan_combined_varlen_ref(
                     else torch.zeros_like(states[0]))                       # (nheads, headdim, dstate)
         else:
             prev = states[c - 1]
-        X = x[s:e].float().transpose(0, 1)                                  # (nheads, L, headdim)
-        Bh = B[s:e].float().repeat_interleave(rep, 1).transpose(0, 1)       # (nheads, L, dstate)
-        Ch = C[s:e].float().repeat_interleave(rep, 1).transpose(0, 1)
-        d = dtp[s:e].t()                                                    # (nheads, L)
-        cum = torch.cumsum(A.float()[:, None] * d, dim=1)                   # (nheads, L)
-        seg = cum[:, :, None] - cum[:, None, :]                             # (nheads, L, L)
-        L = e - s
-        causal = torch.ones(L, L, dtype=torch.bool).tril()
-        decay = torch.where(causal, torch.exp(seg.masked_fill(~causal, 0.0)), 0.0)
-        M = (Ch @ Bh.transpose(1, 2)) * decay * d[:, None, :]              # (nheads, L, L)
-        Y = M @ X + torch.exp(cum)[..., None] * (Ch @ prev.transpose(1, 2))  # (nheads, L, headdim)
-        w = torch.exp(cum[:, -1:] - cum) * d                                # (nheads, L)
-        states[c] = torch.exp(cum[:, -1])[:, None, None] * prev + X.transpose(1, 2) @ (Bh * w[..., None])
-        Y = Y.transpose(0, 1)                                               # (L, nheads, headdim)
+        Bh = B[s:e].float().repeat_interleave(rep, 1)                       # (L, nheads, dstate)
+        Ch = C[s:e].float().repeat_interleave(rep, 1)
+        Y, S = recurrences.ssd_chunked(x[None, s:e].float(), dtp[None, s:e], A, Bh[None], Ch[None],
+                                       chunk=e - s, state_pn=prev[None])  # one L x L scan
+        Y, states[c] = Y[0], S[0]                                           # (L, nheads, headdim)
         if D is not None:
             Dh = D.float() if D.dim() == 2 else D.float()[:, None]
             Y = Y + x[s:e].float() * Dh

@@ -1,10 +1,15 @@
-"""Gated delta rule for the Qwen3.5 port: the token-by-token recurrence (reference, and decode)
-and its chunked WY/UT form (prefill).
+"""The gated delta rule (Gated DeltaNet): the recurrence, and its chunked WY / UT form.
 
-Shapes: B batch, L tokens, H value heads, Dk / Dv key / value head dims, C chunk length.
-Per token:  S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T,  o_t = S_t^T q_t
-(S: (Dk, Dv)). Padded (invalid) tokens carry g = 0, beta = 0 and zeroed k, v: the state passes
-through them untouched.
+Shapes: B batch, L tokens, H heads (value heads; key heads already repeated to them), Dk / Dv
+key / value head dims, C chunk length. State ``state_kv``: (B, H, Dk, Dv) fp32. Per token t,
+with log-space decay g_t <= 0 and write strength beta_t:
+
+    S'  = exp(g_t) S_{t-1}
+    S_t = S' + k_t (beta_t (v_t - S'^T k_t))^T        # (Dk, Dv)
+    o_t = S_t^T q_t                                   # (Dv,)
+
+q is used as given: l2-normalisation and the 1/sqrt(Dk) scale are the caller's. A token with
+g = beta = 0 (padding, with k = v = 0) leaves the state untouched.
 """
 
 from __future__ import annotations
@@ -13,21 +18,28 @@ import torch
 from torch.nn import functional as F
 
 
-def gated_delta_rule(q, k, v, g, beta, state):
-    """The recurrence, one token at a time.
+def gated_delta_rule_step(q, k, v, g, beta, state_kv):
+    """One token. q, k: (..., H, Dk); v: (..., H, Dv); g, beta: (..., H);
+    state_kv: (..., H, Dk, Dv). Returns o (..., H, Dv) and the new state_kv."""
+    state_kv = state_kv * torch.exp(g)[..., None, None]  # (..., H, Dk, Dv)
+    kv_mem = torch.einsum("...hkv,...hk->...hv", state_kv, k)  # S'^T k: (..., H, Dv)
+    delta = (v - kv_mem) * beta[..., None]  # (..., H, Dv)
+    state_kv = state_kv + k[..., :, None] * delta[..., None, :]
+    return torch.einsum("...hkv,...hk->...hv", state_kv, q), state_kv
 
-    q, k: (B, L, H, Dk) (l2-normed, q scaled); v: (B, L, H, Dv); g, beta: (B, L, H)
-    (g = beta = 0 on padding: the state passes through untouched); state: (B, H, Dk, Dv) fp32.
-    Returns o (B, L, H, Dv) fp32 and the final state.
+
+def gated_delta_rule(q, k, v, g, beta, state_kv):
+    """The recurrence, one token at a time (the reference).
+
+    q, k: (B, L, H, Dk); v: (B, L, H, Dv); g, beta: (B, L, H); state_kv: (B, H, Dk, Dv).
+    Returns o (B, L, H, Dv) and the final state_kv (B, H, Dk, Dv), in the inputs' dtype
+    (pass fp32).
     """
     outs = []
     for t in range(q.shape[1]):
-        state = state * torch.exp(g[:, t])[..., None, None]  # (B, H, Dk, Dv)
-        kv_mem = torch.einsum("bhkv,bhk->bhv", state, k[:, t])  # (B, H, Dv)
-        delta = (v[:, t] - kv_mem) * beta[:, t, :, None]
-        state = state + k[:, t, :, :, None] * delta[:, :, None, :]
-        outs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, t]))
-    return torch.stack(outs, 1), state
+        o, state_kv = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state_kv)
+        outs.append(o)
+    return torch.stack(outs, 1), state_kv
 
 
 def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
@@ -46,8 +58,9 @@ def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
     return T
 
 
-def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk: int = 64):
-    """The same result, chunk by chunk (arguments and returns as ``gated_delta_rule``).
+def chunk_gated_delta_rule(q, k, v, g, beta, state_kv, chunk: int = 64):
+    """The same result as ``gated_delta_rule``, chunk by chunk (same arguments and returns;
+    computed in fp32 whatever the inputs' dtype).
 
     Inside a chunk with cumulative decay G_i = g_1 + ... + g_i and S_0 the entering state,
     the per-token writes w_j = beta_j (v_j - exp(g_j) S_{j-1}^T k_j) satisfy the unit lower
@@ -58,7 +71,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk: int = 64):
       o_i = exp(G_i) q_i S_0 + sum_{j<=i} exp(G_i - G_j) (q_i.k_j) w_j
       S_C = exp(G_C) S_0 + sum_j exp(G_C - G_j) k_j w_j^T.
     Every exponent is <= 0 (g <= 0), so nothing overflows. L is padded to a multiple of
-    ``chunk`` with g = beta = 0, k = v = 0.
+    ``chunk`` with g = beta = 0, k = v = 0 (steps that leave the state alone).
     """
     B, L, H, Dk = k.shape
     Dv = v.shape[-1]
@@ -82,11 +95,11 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state, chunk: int = 64):
     k_to_end = torch.exp(G[..., -1:] - G)[..., None] * k  # (B, H, n, C, Dk)
     chunk_decay = torch.exp(G[..., -1])  # (B, H, n)
 
-    state = state.float()
+    state_kv = state_kv.float()
     outs = []
     for c in range(n):  # across chunks: the state recurrence
-        W = U[:, :, c] - Wk[:, :, c] @ state  # (B, H, C, Dv)
-        outs.append(q_decayed[:, :, c] @ state + qk[:, :, c] @ W)  # (B, H, C, Dv)
-        state = chunk_decay[:, :, c, None, None] * state + k_to_end[:, :, c].transpose(-1, -2) @ W  # (B, H, Dk, Dv)
+        W = U[:, :, c] - Wk[:, :, c] @ state_kv  # (B, H, C, Dv)
+        outs.append(q_decayed[:, :, c] @ state_kv + qk[:, :, c] @ W)  # (B, H, C, Dv)
+        state_kv = chunk_decay[:, :, c, None, None] * state_kv + k_to_end[:, :, c].transpose(-1, -2) @ W
     o = torch.stack(outs, 2)  # (B, H, n, C, Dv)
-    return o.permute(0, 2, 3, 1, 4).reshape(B, n * chunk, H, Dv)[:, :L], state
+    return o.permute(0, 2, 3, 1, 4).reshape(B, n * chunk, H, Dv)[:, :L], state_kv
