@@ -1,4 +1,5 @@
-"""Tiny random-weight checkpoints and their transformers reference models, built once per session."""
+"""The Neuron tests' fixtures: tiny checkpoints and transformers models by family (the same ones
+the CPU-backend tests use), a ConditionalGeneration Gemma 4 checkpoint, the NxDI skip."""
 
 from __future__ import annotations
 
@@ -7,32 +8,18 @@ import torch
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    from vllm_hybrid_neuron.tools.tiny import build
-
-    cache: dict[str, str] = {}
-
-    def get(family: str) -> str:
-        if family not in cache:
-            cache[family] = str(build(family, tmp_path_factory.mktemp(f"tiny-{family}")))
-        return cache[family]
-
-    return get
+def checkpoint(tiny_model_dir):
+    """``checkpoint(family)``: the session's tiny checkpoint (tests/conftest.py's
+    ``tiny_model_dir``, shared with the CPU-backend tests)."""
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="session")
-def hf_model(checkpoint):
-    from transformers import AutoModelForCausalLM
+def hf_model(tiny_model_dir):
+    """``hf_model(family)``: transformers fp32 on that checkpoint (tests/helpers.py, cached)."""
+    from helpers import hf_model as load
 
-    cache: dict = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = AutoModelForCausalLM.from_pretrained(
-                checkpoint(family), dtype=torch.float32).eval()
-        return cache[family]
-
-    return get
+    return lambda family: load(tiny_model_dir(family))
 
 
 @pytest.fixture(scope="session")

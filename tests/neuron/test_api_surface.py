@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 
 from neuron_helpers import app_cls
+from vllm_hybrid_neuron.families import ARCHITECTURES
+from vllm_hybrid_neuron.families import FAMILIES as ALL_FAMILIES
 from vllm_hybrid_neuron.neuron import base, registration
 
 PKG = Path(base.__file__).parent
 SURFACE = json.loads((PKG / "api_surface.json").read_text())
 NX = "neuronx_distributed_inference."
-FAMILIES = ["granite", "qwen3_5", "gemma4"]
+FAMILIES = list(ALL_FAMILIES)
 
 
 def _recorded(*class_names: str) -> dict:
@@ -124,8 +126,7 @@ def test_neuron_config_fields_read_are_recorded():
     assert fields <= set(SURFACE["neuron_config_fields"]), sorted(fields - set(SURFACE["neuron_config_fields"]))
 
 
-ARCHS = ["GraniteMoeHybridForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration",
-         "Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"]
+ARCHS = list(ARCHITECTURES)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

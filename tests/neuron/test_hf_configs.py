@@ -31,13 +31,11 @@ def transformers_4_57(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def qwen_conditional_config_dir(tmp_path_factory):
+def qwen_conditional_config_dir(tiny_model_dir, tmp_path_factory):
     """config.json of a Qwen3_5MoeForConditionalGeneration checkpoint (nested text_config)."""
     from transformers import Qwen3_5MoeConfig
 
-    from vllm_hybrid_neuron.tools.tiny import build
-
-    src = build("qwen3_5", tmp_path_factory.mktemp("tiny-qwen-cfg"))
+    src = tiny_model_dir("qwen3_5")
     out = tmp_path_factory.mktemp("qwen-cg-config")
     config = Qwen3_5MoeConfig(text_config=AutoConfig.from_pretrained(src).to_dict())
     config.architectures = ["Qwen3_5MoeForConditionalGeneration"]

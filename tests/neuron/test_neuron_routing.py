@@ -102,10 +102,8 @@ except Exception as e:
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    from vllm_hybrid_neuron.tools.tiny import build
-
-    return str(build("qwen3_5", tmp_path_factory.mktemp("tiny-qwen-routing")))
+def qwen_dir(tiny_model_dir):
+    return tiny_model_dir("qwen3_5")
 
 
 def test_vllm_config_refuses_speculative_decoding_naming_the_setting(qwen_dir):
