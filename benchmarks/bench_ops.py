@@ -177,7 +177,7 @@ def bench_gdn(rows, reps, vops, T):
         theirs = None
         if dtype == torch.bfloat16:
             theirs = lambda: vops.fused_sigmoid_gating_delta_rule_update_cpu(  # noqa
-                A_log, dt_bias, q, k, v, a, b, pool_kv, idx, cu, True)
+                A_log.to(dtype), dt_bias.to(dtype), q, k, v, a, b, pool_kv, idx, cu, True)
         sbytes = batch * HV * Vd * K * 4
         for th in (1, 2):
             torch.set_num_threads(th)
@@ -189,6 +189,60 @@ def bench_gdn(rows, reps, vops, T):
                              case=f"Qwen3.5-35B-A3B, batch 8, {str(dtype)[6:]} act, fp32 state",
                              ours_ms=a_ms, vllm_ms=b_ms, speedup=b_ms / a_ms if b_ms else None,
                              floor_ms=floor, bw_fraction=floor / a_ms, bw_gbs=bw))
+
+
+def bench_gdn_decode(rows, reps, vops, vconv):
+    """One whole GDN decode step per layer (conv update + gates + l2 norms + recurrence), batch 8:
+    the plugin's fused op, the plugin's previous two-op path, and vLLM's two CPU ops."""
+    H, HV, K, Vd, W = (QWEN35[n] for n in ("H", "HV", "K", "V", "width"))
+    batch, dim = 8, 2 * H * K + HV * Vd
+    for dtype in (torch.bfloat16, torch.float32):
+        qkv = torch.randn(batch, dim, dtype=dtype)
+        a, b = torch.randn(batch, HV, dtype=dtype), torch.randn(batch, HV, dtype=dtype)
+        A_log, dt_bias = torch.randn(HV), torch.randn(HV)
+        st = torch.randn(1 + batch, W - 1, dim, dtype=dtype).transpose(1, 2)  # vLLM layout
+        w, cb = torch.randn(dim, W, dtype=dtype) * 0.3, torch.randn(dim, dtype=dtype)
+        pool = torch.randn(1 + batch, HV, Vd, K) * 0.05
+        idx = torch.arange(1, batch + 1, dtype=torch.int32)
+        cu = torch.arange(batch + 1, dtype=torch.int32)
+        out = torch.empty(batch, HV, Vd, dtype=dtype)
+
+        def split(x):
+            q, k, v = x.split([H * K, H * K, HV * Vd], dim=-1)
+            return (q.reshape(1, batch, H, K), k.reshape(1, batch, H, K),
+                    v.reshape(1, batch, HV, Vd))
+
+        fused = lambda: V.gdn_decode(qkv.clone(), a, b, st, w, cb, pool, A_log, dt_bias, idx,  # noqa
+                                     H, K, out)
+
+        def two_ops():
+            x = V.causal_conv1d_update(qkv.clone(), st, w, cb, "silu", conv_state_indices=idx)
+            q, k, v = split(x)
+            V.fused_sigmoid_gating_delta_rule_update(
+                A_log, a, b, dt_bias, q, k, v, initial_state=pool, cu_seqlens=cu,
+                ssm_state_indices=idx, use_qk_l2norm_in_kernel=True)
+
+        def vllm_two_ops():
+            x = vconv.causal_conv1d_update_cpu(qkv.clone(), st, w, cb, "silu", idx)
+            q, k, v = split(x)
+            vops.fused_sigmoid_gating_delta_rule_update_cpu(  # wants A_log, dt_bias in act dtype
+                A_log.to(dtype), dt_bias.to(dtype), q.contiguous(), k.contiguous(), v.contiguous(), a, b,
+                pool.view(1 + batch, HV, K, Vd), idx, cu, True)
+
+        sbytes = batch * HV * Vd * K * 4
+        for th in (1, 2):
+            torch.set_num_threads(th)
+            bw = inplace_bw_gbs(sbytes * 2)
+            floor = 2 * sbytes / (bw * 1e6)
+            theirs = _try(lambda: median_ms(vllm_two_ops, reps)) if dtype == torch.bfloat16 \
+                else None
+            for name, fn in (("gdn_decode (fused: conv + gates + recurrence)", fused),
+                             ("gdn_decode, previous two-op path", two_ops)):
+                ms = median_ms(fn, reps)
+                rows.append(dict(op=name, threads=th, ours_ms=ms, vllm_ms=theirs,
+                                 case=f"Qwen3.5-35B-A3B, batch 8, {str(dtype)[6:]} act, fp32 state",
+                                 speedup=theirs / ms if theirs else None, floor_ms=floor,
+                                 bw_fraction=floor / ms, bw_gbs=bw))
 
 
 def _try(fn):
@@ -217,16 +271,24 @@ def write(rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, shorter prefill")
+    ap.add_argument("--only", choices=["gdn_decode"], help="run one group (results printed, "
+                    "not written)")
     args = ap.parse_args()
     reps = 5 if args.quick else 9
     T = 512 if args.quick else 2048
     torch.manual_seed(0)
     vops, vconv, vssm = vllm_ops()
     rows = []
+    if args.only == "gdn_decode":
+        bench_gdn_decode(rows, reps, vops, vconv)
+        for r in rows:
+            print(r)
+        return
     bench_ssu(rows, reps, vssm)
     bench_conv_update(rows, reps, vconv)
     bench_ssd(rows, 5, vssm, T)
     bench_gdn(rows, 5, vops, T)
+    bench_gdn_decode(rows, reps, vops, vconv)
     write(rows)
 
 

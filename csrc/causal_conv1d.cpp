@@ -52,11 +52,20 @@ struct Params {
 inline void load_params(Params& p, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         int64_t c0, int64_t nc, int64_t W) {
   const int64_t sw0 = weight.stride(0), sw1 = weight.stride(1);
-  const FAcc fw(weight), fb(bias);
-  for (int64_t j = 0; j < W; ++j)
-    for (int64_t c = 0; c < kCB; ++c) p.w[j][c] = c < nc ? fw( (c0 + c) * sw0 + j * sw1) : 0.f;
+  auto fill = [&](const auto* w) {  // typed reads: this runs once per channel block
+    for (int64_t j = 0; j < W; ++j)
+      for (int64_t c = 0; c < kCB; ++c) p.w[j][c] = c < nc ? tof(w[(c0 + c) * sw0 + j * sw1]) : 0.f;
+  };
+  if (weight.scalar_type() == at::kFloat) fill(weight.const_data_ptr<float>());
+  else if (weight.scalar_type() == at::kBFloat16) fill(weight.const_data_ptr<BFloat16>());
+  else {
+    const FAcc fw(weight);
+    for (int64_t j = 0; j < W; ++j)
+      for (int64_t c = 0; c < kCB; ++c) p.w[j][c] = c < nc ? fw((c0 + c) * sw0 + j * sw1) : 0.f;
+  }
+  const FAcc fb(bias);
   for (int64_t c = 0; c < kCB; ++c)
-    p.b[c] = (bias.has_value() && c < nc) ? fb( (c0 + c) * bias->stride(0)) : 0.f;
+    p.b[c] = (bias.has_value() && c < nc) ? fb((c0 + c) * bias->stride(0)) : 0.f;
 }
 
 template <typename T>
@@ -138,7 +147,8 @@ void conv_update_impl(const at::Tensor& x, at::Tensor& cs, const at::Tensor& wei
   const int64_t sxb = x.stride(0), sxd = x.stride(1), sxt = x.stride(2);
   const int64_t sob = out.stride(0), sod = out.stride(1), sot = out.stride(2);
   const int64_t ss0 = cs.stride(0), ss1 = cs.stride(1), ss2 = cs.stride(2), SLmax = cs.size(2);
-  at::parallel_for(0, batch * nblk, 1, [&](int64_t begin, int64_t end) {
+  // Work items are channel blocks; each loads its block's weights once for all rows.
+  at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
     // vLLM runs models under InferenceMode; pool threads don't inherit it.
     c10::InferenceMode inference_guard;
     Params p;
@@ -146,8 +156,10 @@ void conv_update_impl(const at::Tensor& x, at::Tensor& cs, const at::Tensor& wei
     constexpr int64_t kMaxRows = 64;
     alignas(64) float rows[kMaxRows][kCB];
     alignas(64) float res[kCB];
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t b = it / nblk, c0 = (it % nblk) * kCB, nc = std::min(kCB, dim - c0);
+    for (int64_t it = 0; it < (end - begin) * batch; ++it) {
+      const int64_t b = it % batch, blk = begin + it / batch;
+      const int64_t c0 = blk * kCB, nc = std::min(kCB, dim - c0);
+      if (b == 0) load_params(p, weight, bias, c0, nc, W);
       int64_t bos = 0, L = Lmax;
       const T* xb = xp + b * sxb;
       T* ob = op + b * sob;
@@ -164,7 +176,6 @@ void conv_update_impl(const at::Tensor& x, at::Tensor& cs, const at::Tensor& wei
       const int64_t S_b = S_eff - (Lmax - L);
       TORCH_CHECK(W - 1 + L <= kMaxRows && off >= 0 && off + W - 1 <= SLmax && S_b <= SLmax,
                   "causal_conv1d_update: bad num_accepted_tokens / query length");
-      load_params(p, weight, bias, c0, nc, W);
       T* st = sp + slot * ss0 + c0 * ss1;
       // rows[0..W-2] = window at `off`, rows[W-1..W-2+L] = the new tokens
       for (int64_t j = 0; j < W - 1; ++j) load_row(rows[j], st + (off + j) * ss2, ss1, nc);

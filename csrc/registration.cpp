@@ -32,6 +32,13 @@ TORCH_LIBRARY(vllm_hybrid_neuron, m) {
       "mamba2_decode(Tensor(a!) xbc, Tensor dt, Tensor(b!) conv_state, Tensor conv_weight, "
       "Tensor? conv_bias, bool silu, Tensor(c!) ssm_state, Tensor A, Tensor? D, Tensor? dt_bias, "
       "Tensor slots, int ngroups, int null_block_id, Tensor(d!) out) -> ()");
+  // One Gated DeltaNet decode step: conv update of qkv (batch, 2*H*K + HV*V) in place, gates
+  // from A_log / a / dt_bias / b, l2-normed q (scaled) and k, recurrence on ssm_state
+  // (slots, HV, V, K) in place; out: (batch, HV, V). Slots <= 0 skipped (output zero).
+  m.def(
+      "gdn_decode(Tensor(a!) qkv, Tensor a, Tensor b, Tensor(b!) conv_state, Tensor conv_weight, "
+      "Tensor? conv_bias, bool silu, Tensor(c!) ssm_state, Tensor A_log, Tensor dt_bias, "
+      "Tensor slots, int num_k_heads, int head_k_dim, float scale, Tensor(d!) out) -> ()");
   // Chunked SSD (Mamba2) prefill; chunk_states: (nchunks, nheads, headdim, dstate) fp32.
   m.def(
       "ssd_chunk_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "

@@ -39,7 +39,8 @@ WEIGHT_BREAKS = {
     "gemma4_per_expert_scale_1": ("gemma4", "router.per_expert_scale", torch.ones_like),
     "gemma4_q_norm_weight_1": ("gemma4", "self_attn.q_norm.weight", torch.ones_like),
 }
-CODE_BREAKS = {"qwen3_5_decay_sign_flipped": "qwen3_5", "gemma4_no_v_norm": "gemma4"}
+CODE_BREAKS = {"qwen3_5_decay_sign_flipped": "qwen3_5", "gemma4_no_v_norm": "gemma4",
+               "qwen3_5_decode_dt_bias_dropped": "qwen3_5"}
 # vLLM 0.32's own Granite normalises the Mamba2 gated norm per group (the plugin fixes it).
 NATIVE_BREAKS = {"granite_vllm_native_gated_norm": "granite"}
 MUTANT_RUNNER = os.path.join(os.path.dirname(__file__), "mutants", "run_mutant.py")

@@ -42,8 +42,24 @@ def _qwen3_5_decay_sign_flipped() -> None:
     gated_deltanet.sigmoid_gating = flipped
 
 
+def _qwen3_5_decode_dt_bias_dropped() -> None:
+    """Qwen3.5's fused GDN decode step (gdn_decode) without dt_bias; prefill stays right."""
+    import torch
+    from vllm_hybrid_neuron.cpu.layers import gated_deltanet
+
+    right = gated_deltanet.gdn_decode
+
+    def dropped(qkv, a, b, conv_state, conv_weight, conv_bias, ssm_state, A_log, dt_bias,
+                *args, **kwargs):
+        return right(qkv, a, b, conv_state, conv_weight, conv_bias, ssm_state, A_log,
+                     torch.zeros_like(dt_bias), *args, **kwargs)
+
+    gated_deltanet.gdn_decode = dropped
+
+
 MUTATIONS = {"gemma4_no_v_norm": _gemma4_no_v_norm,
-             "qwen3_5_decay_sign_flipped": _qwen3_5_decay_sign_flipped}
+             "qwen3_5_decay_sign_flipped": _qwen3_5_decay_sign_flipped,
+             "qwen3_5_decode_dt_bias_dropped": _qwen3_5_decode_dt_bias_dropped}
 
 if __name__ == "__main__":
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0", "engine must run in-process"

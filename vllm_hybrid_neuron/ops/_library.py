@@ -23,6 +23,7 @@ _OPS = (
     "causal_conv1d_update",
     "selective_state_update",
     "mamba2_decode",
+    "gdn_decode",
     "ssd_chunk_scan",
     "gdn_recurrent",
     "gdn_chunk",

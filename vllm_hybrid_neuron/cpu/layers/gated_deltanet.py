@@ -30,6 +30,7 @@ from vllm_hybrid_neuron.ops import (
     causal_conv1d_update,
     chunk_gated_delta_rule,
     fused_sigmoid_gating_delta_rule_update,
+    gdn_decode,
     sigmoid_gating,
 )
 
@@ -113,9 +114,13 @@ class PluginGatedDeltaNet(QwenGatedDeltaNetAttention):
                                rows.num_accepted)
 
     def _decode(self, rows: DecodeRows, qkv, b, a, conv_state, ssm_state):
-        x = causal_conv1d_update(qkv, conv_state, self._conv_weight(), self.conv1d.bias,
-                                 self.activation, conv_state_indices=rows.slots)
-        return self._recurrent(x, b, a, ssm_state, rows.cu_seqlens, rows.slots)
+        """One token per row: conv update, gates and recurrence in one op (``gdn_decode``)."""
+        out = torch.empty(qkv.shape[0], self.num_v_heads // self.tp_size, self.head_v_dim,
+                          dtype=qkv.dtype, device=qkv.device)  # (T, HV, V)
+        return gdn_decode(qkv, a, b, conv_state, self._conv_weight(), self.conv1d.bias,
+                          ssm_state, self.A_log, self.dt_bias, rows.slots,
+                          self.num_k_heads // self.tp_size, self.head_k_dim, out,
+                          activation=self.activation)
 
     def _prefill(self, rows: PrefillRows, qkv, b, a, conv_state, ssm_state):
         cu, slots, has_init, marks = rows.cu_seqlens, rows.slots, rows.has_initial_state, \
