@@ -1,4 +1,5 @@
-"""Routed MoE experts alone: vLLM's CPU kernel (``cpu_fused_moe``, "vec" ISA, prepacked weights)
+"""Routed MoE experts alone: vLLM's CPU kernel (``cpu_fused_moe``, prepacked weights, the ISA
+vLLM serves with on this CPU: "amx" where AMX tiles exist, else "vec")
 against the plugin's ``moe_experts``, at the bench_serve checkpoints' expert shapes, bf16.
 
 For each M (tokens in the call) two routings: random top-k (distinct experts grow with M:
@@ -59,14 +60,17 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/moe")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    isa = "amx" if torch.cpu._is_amx_tile_supported() else "vec"  # as vLLM's experts classes pick
+    if isa == "amx":  # ask Linux for the AMX tile state (in a server oneDNN has done so already)
+        torch._C._cpu._init_amx()
     bw = roofline.read_bandwidth_gbs()
     g = torch.Generator().manual_seed(0)
     rows = []
     for family, E, K, inter, topk in SHAPES:
         w13 = [(torch.randn(E, 2 * inter, K, generator=g) * 0.02).bfloat16() for _ in range(LAYERS)]
         w2 = [(torch.randn(E, K, inter, generator=g) * 0.02).bfloat16() for _ in range(LAYERS)]
-        packed = [(_custom_ops.cpu_prepack_moe_weight(a, "vec"),
-                   _custom_ops.cpu_prepack_moe_weight(b, "vec")) for a, b in zip(w13, w2)]
+        packed = [(_custom_ops.cpu_prepack_moe_weight(a, isa),
+                   _custom_ops.cpu_prepack_moe_weight(b, isa)) for a, b in zip(w13, w2)]
         expert_bytes = 3 * inter * K * 2
         for M in args.m:
             for hot in (False, True):
@@ -82,7 +86,7 @@ def main() -> None:
 
                 def vllm(i):
                     _custom_ops.cpu_fused_moe(out, x, packed[i][0], packed[i][1], None, None,
-                                              weights, ids, "silu", "vec")
+                                              weights, ids, "silu", isa)
 
                 def plugin(i):
                     moe_experts(out, x, w13[i], w2[i], weights, ids)
@@ -101,8 +105,8 @@ def main() -> None:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.with_suffix(".json").write_text(json.dumps(
-        {"read_bandwidth_gbs": round(bw, 1), "threads": args.threads, "rows": rows}, indent=1))
-    lines = [f"read bandwidth {bw:.1f} GB/s, {args.threads} threads, bf16, {LAYERS} layers' "
+        {"read_bandwidth_gbs": round(bw, 1), "threads": args.threads, "vllm_isa": isa, "rows": rows}, indent=1))
+    lines = [f"read bandwidth {bw:.1f} GB/s, {args.threads} threads, bf16, vLLM ISA {isa}, {LAYERS} layers' "
              "weights cycled; of floor = distinct experts' bytes / bandwidth over the time", "",
              "| family | M | routing | distinct experts | floor ms | vLLM ms | vLLM of floor (GFLOP/s) "
              "| plugin ms | plugin of floor (GFLOP/s) | speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
