@@ -62,39 +62,47 @@ def bench_once(server: VllmServer, model_dir: str, inp: int, out: int, conc: int
 
 
 # Served paths: vLLM native, the plugin (vLLM's MoE kernel), the plugin with its moe_experts op.
+# "-compiled" paths run vLLM's default compiled mode; the others --enforce-eager.
 PATHS = {"native": {"VLLM_PLUGINS": "none"},  # load no general plugin: vLLM's native classes
          "plugin": {},
-         "plugin-moe": {"VLLM_HYBRID_NEURON_MOE": "plugin"}}
+         "plugin-moe": {"VLLM_HYBRID_NEURON_MOE": "plugin"},
+         "native-compiled": {"VLLM_PLUGINS": "none"},
+         "plugin-compiled": {}}
 
 
-def serve_and_bench(model_dir: str, path: str, quick: bool) -> dict:
-    """One server start, every workload once; returns {workload: metrics}."""
+def serve_and_bench(model_dir: str, path: str, quick: bool, workloads=None) -> dict:
+    """One server start, every workload once; returns {workload: metrics}.
+    workloads: [(input len, output len, concurrency)], default every WORKLOADS x CONCURRENCY."""
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4", **PATHS[path]}
-    plugin = path != "native"
+    plugin = not path.startswith("native")
     args = ["--served-model-name", "bench", "--dtype", "bfloat16", "--max-model-len", "2048",
-            "--enforce-eager", "--no-enable-prefix-caching"]
+            "--no-enable-prefix-caching"]
+    if not path.endswith("-compiled"):
+        args.append("--enforce-eager")
+    if workloads is None:
+        workloads = [(inp, out, conc) for inp, out in WORKLOADS for conc in CONCURRENCY]
     sample = {}
-    with VllmServer(model_dir, args, env=env, ready_timeout=900) as server:
+    with VllmServer(model_dir, args, env=env, ready_timeout=1800) as server:
         assert ("vllm-hybrid-neuron" in server.log()) == plugin
         assert ("MoE layers run the plugin's moe_experts op" in server.log()) == (
             path == "plugin-moe")
         bench_once(server, model_dir, 64, 16, 1, 2)  # warm-up
-        for inp, out in WORKLOADS:
-            for conc in CONCURRENCY:
-                num_prompts = conc * (1 if quick else 2)
-                key = f"in{inp}-out{out}-c{conc}"
-                sample[key] = bench_once(server, model_dir, inp, out, conc, num_prompts)
-                print(key, path, sample[key], flush=True)
+        for inp, out, conc in workloads:
+            num_prompts = conc * (1 if quick else 2)
+            key = f"in{inp}-out{out}-c{conc}"
+            sample[key] = bench_once(server, model_dir, inp, out, conc, num_prompts)
+            print(key, path, sample[key], flush=True)
     return sample
 
 
-def interleaved_runs(model_dir: str, runs: int, quick: bool, paths: list[str]) -> dict:
+def interleaved_runs(model_dir: str, runs: int, quick: bool, paths: list[str],
+                     workloads=None) -> dict:
     """plugin, native, plugin, native, ...: slow drift of a shared machine hits every path
     alike instead of biasing the ratio; medians over the runs."""
     samples = {path: [] for path in paths}
     for _ in range(runs):
         for path in paths:
-            samples[path].append(serve_and_bench(model_dir, path, quick))
+            samples[path].append(serve_and_bench(model_dir, path, quick, workloads))
     table = {}
     for path, runs_ in samples.items():
         table[path] = {}
@@ -106,14 +114,17 @@ def interleaved_runs(model_dir: str, runs: int, quick: bool, paths: list[str]) -
 
 def write_markdown(family: str, results: dict, path: Path) -> None:
     lines = []
-    for served in [p for p in PATHS if p != "native" and p in results]:
-        lines += [f"| {family} workload | TTFT ms ({served} / native = ratio) | "
-                  f"TPOT ms ({served} / native = ratio) | output tok/s ({served} / native = ratio) |",
+    for served in [p for p in PATHS if not p.startswith("native") and p in results]:
+        base = "native-compiled" if served.endswith("-compiled") else "native"
+        if base not in results:
+            continue
+        lines += [f"| {family} workload | TTFT ms ({served} / {base} = ratio) | "
+                  f"TPOT ms ({served} / {base} = ratio) | output tok/s ({served} / {base} = ratio) |",
                   "|---|---|---|---|"]
         for key in results[served]:
             cells = []
             for m in METRICS:
-                p, n = results[served][key][m], results["native"][key][m]
+                p, n = results[served][key][m], results[base][key][m]
                 cells.append(f"{p:.1f} / {n:.1f} = **{p / n:.2f}x**")
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
         lines.append("")
