@@ -1,0 +1,88 @@
+"""Where a decode step's time goes: inside torch / custom ops versus outside them (Python and
+framework glue: vLLM's scheduler, input preparation, sampling bookkeeping, the model's Python).
+
+    .venv/bin/python benchmarks/step_overhead.py --family qwen3_5 --model-dir DIR [--native]
+        [--compiled] [--batch 1] [--steps 64]
+
+One engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so the profiler sees the
+engine core and the model), bf16, both cores. After a warm-up, ``--steps`` greedy decode steps
+of ``--batch`` sequences run under torch.profiler (CPU activities). Reported per step: wall
+time; time inside ops (the sum of every op's self CPU time: no op counted twice); the rest,
+outside any op; and the ops with the largest self time. Writes
+benchmarks/results/step-overhead-<family>-<path>-b<batch>.json and prints a summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", required=True)
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--native", action="store_true", help="VLLM_PLUGINS=none (vLLM's own path)")
+    ap.add_argument("--compiled", action="store_true", help="vLLM's default compiled mode")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=64)
+    args = ap.parse_args()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    if args.native:
+        os.environ["VLLM_PLUGINS"] = "none"
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=args.model_dir, dtype="bfloat16", max_model_len=2048, seed=0,
+              enforce_eager=not args.compiled, enable_prefix_caching=False)
+    prompts = [TokensPrompt(prompt_token_ids=[(11 * i + j) % 500 + 10 for j in range(16)])
+               for i in range(args.batch)]
+
+    def decode(n):
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - t0
+
+    decode(args.steps)  # warm-up
+    one = min(decode(1) for _ in range(3))  # prefill + one token: subtracted below
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        wall = decode(args.steps + 1)
+    events = prof.key_averages()
+    inside_us = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    # the prefill and first token measured without the profiler, scaled by the profiled run's
+    # own inflation is not known: report both the raw and the per-step figures
+    step_ms = (wall - one) / args.steps * 1e3
+    result = {
+        "family": args.family, "path": "native" if args.native else "plugin",
+        "mode": "compiled" if args.compiled else "eager", "batch": args.batch,
+        "steps": args.steps, "profiled_wall_s": wall, "prefill_and_first_token_s": one,
+        "step_ms_profiled": step_ms,
+        "inside_ops_fraction": inside_us / 1e6 / wall,
+        "outside_ops_fraction": 1 - inside_us / 1e6 / wall,
+        "top_ops": [{"name": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / args.steps,
+                     "calls_per_step": e.count / args.steps} for e in top],
+    }
+    plain = min(decode(args.steps + 1) for _ in range(2))
+    result["step_ms"] = (plain - one) / args.steps * 1e3
+    RESULTS.mkdir(exist_ok=True)
+    name = f"step-overhead-{args.family}-{result['path']}-{result['mode']}-b{args.batch}.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"SUMMARY {args.family} {result['path']} {result['mode']} b{args.batch}: step "
+          f"{result['step_ms']:.1f} ms unprofiled ({step_ms:.1f} profiled); outside ops "
+          f"{result['outside_ops_fraction']:.0%} of the profiled run")
+    for t in result["top_ops"]:
+        print(f"  {t['self_ms_per_step']:8.3f} ms/step {t['calls_per_step']:7.1f} calls  {t['name']}")
+
+
+if __name__ == "__main__":
+    main()
