@@ -2,7 +2,7 @@
 framework glue: vLLM's scheduler, input preparation, sampling bookkeeping, the model's Python).
 
     .venv/bin/python benchmarks/step_overhead.py --family qwen3_5 --model-dir DIR [--native]
-        [--compiled] [--batch 1] [--steps 64]
+        [--compiled] [--batch 1] [--steps 64] [--spec-drafts 3 --repetitive]
 
 One engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so the profiler sees the
 engine core and the model), bf16, both cores. After a warm-up, ``--steps`` greedy decode steps
@@ -10,6 +10,11 @@ of ``--batch`` sequences run under torch.profiler (CPU activities). Reported per
 time; time inside ops (the sum of every op's self CPU time: no op counted twice); the rest,
 outside any op; and the ops with the largest self time. Writes
 benchmarks/results/step-overhead-<family>-<path>-b<batch>.json and prints a summary line.
+
+With --spec-drafts N the engine drafts N tokens per step by ngram (bench_spec.py's
+configuration) and --repetitive gives it bench_spec.py's repeating prompts; since a
+speculative step emits a variable number of tokens, every figure is also given per output
+token (``*_per_token``), the unit in which a plain and a speculative run compare.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true", help="vLLM's default compiled mode")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--spec-drafts", type=int, default=0, help="ngram drafts per step (0: off)")
+    ap.add_argument("--repetitive", action="store_true",
+                    help="bench_spec.py's prompts (a repeated passage) instead of 16 ids")
     args = ap.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
@@ -41,10 +49,21 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    spec = ({"method": "ngram", "num_speculative_tokens": args.spec_drafts,
+             "prompt_lookup_max": 3, "prompt_lookup_min": 1} if args.spec_drafts else None)
     llm = LLM(model=args.model_dir, dtype="bfloat16", max_model_len=2048, seed=0,
-              enforce_eager=not args.compiled, enable_prefix_caching=False)
-    prompts = [TokensPrompt(prompt_token_ids=[(11 * i + j) % 500 + 10 for j in range(16)])
-               for i in range(args.batch)]
+              enforce_eager=not args.compiled, enable_prefix_caching=False,
+              speculative_config=spec, disable_log_stats=False)
+    if args.repetitive:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.model_dir)
+        passage = tok("The quick brown fox jumps over the lazy dog. A state space model keeps "
+                      "a hidden state. ", add_special_tokens=False)["input_ids"]
+        ids = [(passage * 12)[10 * i: 10 * i + 200] for i in range(args.batch)]
+    else:
+        ids = [[(11 * i + j) % 500 + 10 for j in range(16)] for i in range(args.batch)]
+    prompts = [TokensPrompt(prompt_token_ids=x) for x in ids]
 
     def decode(n):
         params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
@@ -57,31 +76,43 @@ def main() -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         wall = decode(args.steps + 1)
     events = prof.key_averages()
+    counters = {m.name: m.value for m in llm.get_metrics()
+                if m.name.startswith("vllm:spec_decode_num_") and hasattr(m, "value")}
     inside_us = sum(e.self_cpu_time_total for e in events)
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     # the prefill and first token measured without the profiler, scaled by the profiled run's
     # own inflation is not known: report both the raw and the per-step figures
     step_ms = (wall - one) / args.steps * 1e3
+    tokens = args.batch * args.steps  # output tokens after the first, ignore_eos
     result = {
         "family": args.family, "path": "native" if args.native else "plugin",
         "mode": "compiled" if args.compiled else "eager", "batch": args.batch,
-        "steps": args.steps, "profiled_wall_s": wall, "prefill_and_first_token_s": one,
+        "steps": args.steps, "spec_drafts": args.spec_drafts,
+        "repetitive": args.repetitive, "spec_counters_cumulative": counters,
+        "profiled_wall_s": wall, "prefill_and_first_token_s": one,
         "step_ms_profiled": step_ms,
         "inside_ops_fraction": inside_us / 1e6 / wall,
         "outside_ops_fraction": 1 - inside_us / 1e6 / wall,
         "top_ops": [{"name": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / args.steps,
+                     "self_ms_per_token": e.self_cpu_time_total / 1e3 / tokens,
                      "calls_per_step": e.count / args.steps} for e in top],
     }
     plain = min(decode(args.steps + 1) for _ in range(2))
     result["step_ms"] = (plain - one) / args.steps * 1e3
+    result["ms_per_token"] = (plain - one) / tokens * 1e3
+    result["outside_ops_ms_per_token"] = (wall - inside_us / 1e6) / tokens * 1e3
     RESULTS.mkdir(exist_ok=True)
-    name = f"step-overhead-{args.family}-{result['path']}-{result['mode']}-b{args.batch}.json"
+    spec_tag = f"-ngram{args.spec_drafts}" if args.spec_drafts else ""
+    name = (f"step-overhead-{args.family}-{result['path']}-{result['mode']}-b{args.batch}"
+            f"{spec_tag}{'-rep' if args.repetitive else ''}.json")
     (RESULTS / name).write_text(json.dumps(result, indent=1) + "\n")
     print(f"SUMMARY {args.family} {result['path']} {result['mode']} b{args.batch}: step "
-          f"{result['step_ms']:.1f} ms unprofiled ({step_ms:.1f} profiled); outside ops "
-          f"{result['outside_ops_fraction']:.0%} of the profiled run")
+          f"{result['step_ms']:.1f} ms unprofiled ({step_ms:.1f} profiled), "
+          f"{result['ms_per_token']:.2f} ms per output token; outside ops "
+          f"{result['outside_ops_fraction']:.0%} of the profiled run; spec {counters}")
     for t in result["top_ops"]:
-        print(f"  {t['self_ms_per_step']:8.3f} ms/step {t['calls_per_step']:7.1f} calls  {t['name']}")
+        print(f"  {t['self_ms_per_token']:8.3f} ms/token {t['calls_per_step']:7.1f} calls/step  "
+              f"{t['name']}")
 
 
 if __name__ == "__main__":
