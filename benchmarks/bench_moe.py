@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import roofline
-from vllm_hybrid_neuron.ops.moe import moe_experts
+from vllm_hybrid_neuron.ops.moe import moe_experts_packed, pack_moe_weights
 
 # (family, experts, hidden K, intermediate I, top-k) of benchmarks/bench_serve.py's checkpoints.
 SHAPES = [("granite", 32, 1536, 512, 6), ("qwen3_5", 32, 2048, 512, 8)]
@@ -71,6 +71,7 @@ def main() -> None:
         w2 = [(torch.randn(E, K, inter, generator=g) * 0.02).bfloat16() for _ in range(LAYERS)]
         packed = [(_custom_ops.cpu_prepack_moe_weight(a, isa),
                    _custom_ops.cpu_prepack_moe_weight(b, isa)) for a, b in zip(w13, w2)]
+        ours = [pack_moe_weights(a, b) for a, b in zip(w13, w2)]  # as PluginCPUExperts at load
         expert_bytes = 3 * inter * K * 2
         for M in args.m:
             for hot in (False, True):
@@ -89,7 +90,7 @@ def main() -> None:
                                               weights, ids, "silu", isa)
 
                 def plugin(i):
-                    moe_experts(out, x, w13[i], w2[i], weights, ids)
+                    moe_experts_packed(out, x, ours[i][0], ours[i][1], weights, ids, inter)
 
                 row = {"family": family, "M": M, "routing": "same experts" if hot else "random",
                        "distinct_experts": distinct, "floor_ms": round(floor_ms, 3)}
@@ -101,7 +102,7 @@ def main() -> None:
                 row["speedup"] = round(row["vllm_ms"] / row["plugin_ms"], 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        del w13, w2, packed
+        del w13, w2, packed, ours
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.with_suffix(".json").write_text(json.dumps(

@@ -1,21 +1,27 @@
-// Routed experts of an MoE block: out (M, K) = sum_j topk_weights[t, j] * expert_{ids[t, j]}(x[t]),
-// expert_e(x) = (act(x @ w13[e, :I]^T) * (x @ w13[e, I:]^T)) @ w2[e]^T.
+// Routed experts of an MoE block on weights packed once at load (ops/moe.py: pack_moe_weights):
+//   out (M, K) = sum_j topk_weights[t, j] * expert_{ids[t, j]}(x[t]),
+//   expert_e(x) = (act(x @ gate_e^T) * (x @ up_e^T)) @ down_e^T.
 //
-// Why: vLLM's CPU op costs in proportion to tokens, not to the distinct experts they hit
-// (benchmarks/bench_moe.py), which is what batched decode, speculative verification and prefill
-// pay. Here tokens are grouped by expert and each expert's weight rows are read from memory once
-// per call, whatever the number of tokens routed to it:
-//  1. tokens are sorted by expert (counting sort, token order kept inside an expert) and their
-//     rows converted to fp32 once;
-//  2. gate+up and the activation: work items (expert, block of intermediate columns); an item
-//     streams its block's gate and up rows once for all the expert's tokens (4 at a time, the
-//     rows stay in cache between groups) and writes act(gate) * up;
-//  3. down projection: work items (expert, block of output columns), the same way;
+// Why packed: a decode step reads each routed expert's weights once, so the op is a weight
+// stream. In vLLM's (E, 2I, K) layout a block of rows is several page-sized streams; packed, a
+// work item's weights are one contiguous stream the hardware prefetcher follows to the end.
+//
+// Packed layout, S = kDotStep (elements per k-step of the dot kernel, 16 on AVX2, 32 on AVX-512),
+// Ip = I rounded up to S, Kp = K rounded up to S, zero padding everywhere:
+//   w13p (E, Ip/2, Kp/S, 4, S): panel p holds rows [gate 2p, gate 2p+1, up 2p, up 2p+1],
+//                               k-step-major (the 4 rows' S elements of one k-step adjacent);
+//   w2p  (E, ceil(K/4), Ip/S, 4, S): panel p holds down rows 4p .. 4p+3 the same way.
+// A gate/up panel yields two activations act(g) * u directly; a down panel four outputs.
+//
+//  1. the (token, j) slots are sorted by expert (counting sort, token order kept within an expert);
+//     each token's row is converted once to fp32 in W's dot layout (gemv.h), zero padded to Kp;
+//  2. gate+up and the activation: work items (expert, block of panels); an item streams each
+//     panel once for all the expert's tokens (3 at a time; the panel stays in L1 between groups);
+//  3. down projection: work items (expert, block of panels), the same way;
 //  4. each token's top-k rows are summed in top-k order with its routing weights.
-// Items are taken dynamically by the threads (an expert's columns are split between them, so both
-// cores stream at M = 1). fp32 accumulation and fp32 intermediates throughout; a token's result
-// does not depend on the other tokens in the call (gemv.h). Weights bf16 or fp32, (E, 2I, K) and
-// (E, K, I) as vLLM stores them; no repacking.
+// Items are taken dynamically by the threads: an expert's columns are split between them, so
+// both cores stream at M = 1. fp32 accumulation and intermediates; a token's result does not
+// depend on the other tokens in the call (the accumulation order depends only on K and I).
 #include "gemv.h"
 
 #include <atomic>
@@ -24,8 +30,10 @@
 namespace vhn {
 namespace {
 
-constexpr int64_t kTokenGroup = 4;  // tokens per dot_block pass
-constexpr int64_t kColBlock = 16;   // weight rows per work item
+constexpr int kPanelRows = 4;   // weight rows per panel
+constexpr int kTokenGroup = 3;  // tokens per panel pass: 4 x 3 accumulators fit 16 AVX2 registers
+constexpr int64_t kUpPanels = 8;     // gate/up panels per work item (16 activations)
+constexpr int64_t kDownPanels = 16;  // down panels per work item (64 outputs)
 
 enum Activation : int64_t { kSilu = 0, kGeluTanh = 1, kGelu = 2 };
 
@@ -38,6 +46,8 @@ inline float activate(float g, int64_t act) {
   return 0.5f * g * (1.f + std::erf(g * 0.7071067811865476f));
 }
 
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
 // Run item(i) for i in [0, n) on all threads, each taking the next free item.
 template <typename F>
 void for_each_item(int64_t n, const F& item) {
@@ -47,109 +57,147 @@ void for_each_item(int64_t n, const F& item) {
   });
 }
 
-// (rows, cols) = x (rows, K; stride ldx, in W's dot layout) @ w (cols, K; stride ldw)^T,
-// handed to emit(row, col, value) one result at a time.
+inline float hsum(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, v);
+}
+
+// dots[r][m] = x_m . panel row r over `steps` k-steps; x_m (steps * S floats) in W's dot layout.
+// M = 1 keeps two accumulator chains per row (even / odd half of a k-step): a lone token's
+// stream is then never latency bound.
+template <int M, typename W>
+inline void panel_dot(const float* const* x, const W* panel, int64_t steps,
+                      float dots[kPanelRows][M]) {
+  constexpr int C = M == 1 ? 2 : 1;  // accumulator chains per (row, token)
+  fVec acc[C][kPanelRows][M];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < kPanelRows; ++r)
+      for (int m = 0; m < M; ++m) acc[c][r][m] = fVec(0.f);
+  for (int64_t s = 0; s < steps; ++s) {
+    const W* ps = panel + s * kPanelRows * kDotStep;
+    const int64_t k = s * kDotStep;
+    for (int r = 0; r < kPanelRows; ++r) {
+      fVec w0, w1;
+      std::tie(w0, w1) = load_pair(ps + r * kDotStep);
+      for (int m = 0; m < M; ++m) {
+        const fVec x0 = fVec::loadu(x[m] + k), x1 = fVec::loadu(x[m] + k + kVecF);
+        if (C == 2) {
+          acc[0][r][m] = at::vec::fmadd(x0, w0, acc[0][r][m]);
+          acc[C - 1][r][m] = at::vec::fmadd(x1, w1, acc[C - 1][r][m]);
+        } else {
+          acc[0][r][m] = at::vec::fmadd(x1, w1, at::vec::fmadd(x0, w0, acc[0][r][m]));
+        }
+      }
+    }
+  }
+  for (int r = 0; r < kPanelRows; ++r)
+    for (int m = 0; m < M; ++m)
+      dots[r][m] = hsum(C == 2 ? acc[0][r][m] + acc[C - 1][r][m] : acc[0][r][m]);
+}
+
+// For each group of up to kTokenGroup of the `rows` inputs xs[0 .. rows): emit(row, dots).
 template <typename W, typename Emit>
-void small_gemm(const float* x, int64_t rows, int64_t ldx, const W* w, int64_t cols, int64_t ldw,
-                int64_t K, const Emit& emit) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kTokenGroup) {
-    const int64_t mr = std::min(kTokenGroup, rows - r0);
-    const float* xr = x + r0 * ldx;
+inline void panel_all_rows(const float* const* xs, int64_t rows, const W* panel, int64_t steps,
+                           const Emit& emit) {
+  for (int64_t t0 = 0; t0 < rows; t0 += kTokenGroup) {
     auto run = [&](auto m_tag) {
       constexpr int M = decltype(m_tag)::value;
-      constexpr int NB = rows_per_block<M>();
-      int64_t c = 0;
-      float dots[NB][M];
-      for (; c + NB <= cols; c += NB) {
-        dot_block<M, NB>(xr, ldx, w + c * ldw, ldw, K, dots);
-        for (int nb = 0; nb < NB; ++nb)
-          for (int m = 0; m < M; ++m) emit(r0 + m, c + nb, dots[nb][m]);
-      }
-      float one[1][M];
-      for (; c < cols; ++c) {
-        dot_block<M, 1>(xr, ldx, w + c * ldw, ldw, K, one);
-        for (int m = 0; m < M; ++m) emit(r0 + m, c, one[0][m]);
+      float dots[kPanelRows][M];
+      panel_dot<M>(xs + t0, panel, steps, dots);
+      for (int m = 0; m < M; ++m) {
+        float d[kPanelRows];
+        for (int r = 0; r < kPanelRows; ++r) d[r] = dots[r][m];
+        emit(t0 + m, d);
       }
     };
-    switch (mr) {
+    switch (std::min<int64_t>(kTokenGroup, rows - t0)) {
       case 1: run(std::integral_constant<int, 1>{}); break;
       case 2: run(std::integral_constant<int, 2>{}); break;
-      case 3: run(std::integral_constant<int, 3>{}); break;
-      default: run(std::integral_constant<int, 4>{}); break;
+      default: run(std::integral_constant<int, 3>{}); break;
     }
   }
 }
 
 template <typename T, typename W>
-void moe_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
-              const at::Tensor& topk_weights, const at::Tensor& topk_ids, int64_t act) {
-  const int64_t M = x.size(0), K = x.size(1), E = w13.size(0), I = w13.size(1) / 2;
+void moe_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13p, const at::Tensor& w2p,
+              const at::Tensor& topk_weights, const at::Tensor& topk_ids, int64_t I, int64_t act) {
+  const int64_t M = x.size(0), K = x.size(1), E = w13p.size(0);
+  const int64_t Ip = round_up(I, kDotStep), Kp = round_up(K, kDotStep);
+  const int64_t up_panels = Ip / 2, down_panels = w2p.size(1);
   const int64_t topk = topk_ids.size(1), S = M * topk;
   const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
   const at::Tensor rw = topk_weights.to(at::kFloat).contiguous();
   const int64_t* idp = ids.const_data_ptr<int64_t>();
   const float* rwp = rw.const_data_ptr<float>();
 
-  // 1. Counting sort of the (token, j) slots by expert.
-  std::vector<int64_t> start(E + 1, 0), pos(S), slot_token(S);
+  // 1. Counting sort of the (token, j) slots by expert; token rows in the dot layout.
+  std::vector<int64_t> start(E + 1, 0), pos(S);
+  std::vector<const float*> slot_x(S);
   for (int64_t s = 0; s < S; ++s) {
     TORCH_CHECK(idp[s] >= 0 && idp[s] < E, "moe_experts: topk_ids entry ", idp[s],
                 " is outside [0, ", E, ")");
     ++start[idp[s] + 1];
   }
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  const float* xp = x32.const_data_ptr<float>();
+  std::vector<float> xd(M * Kp, 0.f);  // (M, Kp) in W's dot layout
+  for (int64_t t = 0; t < M; ++t)
+    for (int64_t k = 0; k < K; ++k) xd[t * Kp + dot_index<W>(k, Kp)] = xp[t * K + k];
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t s = 0; s < S; ++s) {
       pos[s] = fill[idp[s]]++;
-      slot_token[pos[s]] = s / topk;
+      slot_x[pos[s]] = xd.data() + (s / topk) * Kp;
     }
   }
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();
-  const float* xp = x32.const_data_ptr<float>();
-  // Sorted inputs and activations (both in W's dot layout), expert outputs.
-  std::vector<float> xg(S * K), a(S * I), y(S * K);
-  for (int64_t r = 0; r < S; ++r)  // in the dot layout of W (gemv.h)
-    to_dot_layout<W>(xp + slot_token[r] * K, xg.data() + r * K, K);
+  // Activations (S, Ip) in W's dot layout, expert outputs (S, K), both in sorted slot order.
+  std::vector<float> a(S * Ip), y(S * K);
+  std::vector<const float*> slot_a(S);
+  for (int64_t r = 0; r < S; ++r) slot_a[r] = a.data() + r * Ip;
 
-  struct Item { int64_t e, c0, cols; };
-  auto items_for = [&](int64_t cols_total) {
+  struct Item { int64_t e, p0, p1; };
+  auto items_for = [&](int64_t panels, int64_t per_item) {
     std::vector<Item> items;
     for (int64_t e = 0; e < E; ++e)
       if (start[e + 1] > start[e])
-        for (int64_t c0 = 0; c0 < cols_total; c0 += kColBlock)
-          items.push_back({e, c0, std::min(kColBlock, cols_total - c0)});
+        for (int64_t p0 = 0; p0 < panels; p0 += per_item)
+          items.push_back({e, p0, std::min(panels, p0 + per_item)});
     return items;
   };
-  const W* w13p = w13.const_data_ptr<W>();
-  const W* w2p = w2.const_data_ptr<W>();
+  const W* w13 = w13p.const_data_ptr<W>();
+  const W* w2 = w2p.const_data_ptr<W>();
+  const int64_t up_panel = (Kp / kDotStep) * kPanelRows * kDotStep;    // elements per panel
+  const int64_t down_panel = (Ip / kDotStep) * kPanelRows * kDotStep;
 
-  // 2. gate + up, activation: a[r, c] = act(x_r . gate_c) * (x_r . up_c).
-  const std::vector<Item> up_items = items_for(I);
+  // 2. gate + up, activation: a[r, 2p + j] = act(x_r . gate_{2p+j}) * (x_r . up_{2p+j}).
+  const std::vector<Item> up_items = items_for(up_panels, kUpPanels);
   for_each_item(static_cast<int64_t>(up_items.size()), [&](int64_t i) {
     const Item it = up_items[i];
     const int64_t r0 = start[it.e], rows = start[it.e + 1] - r0;
-    const W* gate = w13p + (it.e * 2 * I + it.c0) * K;
-    const W* up = gate + I * K;
-    float g[kTokenGroup * kColBlock];  // this item's gate values of one token group
-    for (int64_t t0 = 0; t0 < rows; t0 += kTokenGroup) {
-      const int64_t tr = std::min(kTokenGroup, rows - t0);
-      const float* xr = xg.data() + (r0 + t0) * K;
-      small_gemm(xr, tr, K, gate, it.cols, K, K,
-                 [&](int64_t r, int64_t c, float v) { g[r * kColBlock + c] = v; });
-      small_gemm(xr, tr, K, up, it.cols, K, K, [&](int64_t r, int64_t c, float v) {
-        a[(r0 + t0 + r) * I + dot_index<W>(it.c0 + c, I)] = activate(g[r * kColBlock + c], act) * v;
-      });
+    for (int64_t p = it.p0; p < it.p1; ++p) {
+      const int64_t c0 = dot_index<W>(2 * p, Ip), c1 = dot_index<W>(2 * p + 1, Ip);
+      panel_all_rows(slot_x.data() + r0, rows, w13 + (it.e * up_panels + p) * up_panel,
+                     Kp / kDotStep, [&](int64_t r, const float* d) {
+                       float* ar = a.data() + (r0 + r) * Ip;
+                       ar[c0] = activate(d[0], act) * d[2];
+                       ar[c1] = activate(d[1], act) * d[3];
+                     });
     }
   });
 
-  // 3. down: y[r, n] = a_r . w2[e, n].
-  const std::vector<Item> down_items = items_for(K);
+  // 3. down: y[r, 4p + j] = a_r . down_{4p+j}.
+  const std::vector<Item> down_items = items_for(down_panels, kDownPanels);
   for_each_item(static_cast<int64_t>(down_items.size()), [&](int64_t i) {
     const Item it = down_items[i];
     const int64_t r0 = start[it.e], rows = start[it.e + 1] - r0;
-    small_gemm(a.data() + r0 * I, rows, I, w2p + (it.e * K + it.c0) * I, it.cols, I, I,
-               [&](int64_t r, int64_t c, float v) { y[(r0 + r) * K + it.c0 + c] = v; });
+    for (int64_t p = it.p0; p < it.p1; ++p) {
+      const int64_t n0 = p * kPanelRows, nn = std::min<int64_t>(kPanelRows, K - n0);
+      panel_all_rows(slot_a.data() + r0, rows, w2 + (it.e * down_panels + p) * down_panel,
+                     Ip / kDotStep, [&](int64_t r, const float* d) {
+                       float* yr = y.data() + (r0 + r) * K + n0;
+                       for (int64_t j = 0; j < nn; ++j) yr[j] = d[j];
+                     });
+    }
   });
 
   // 4. out[t] = sum_j rw[t, j] * y[pos(t, j)], in top-k order.
@@ -168,36 +216,51 @@ void moe_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13, const
   });
 }
 
-void moe_experts(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
-                 const at::Tensor& topk_weights, const at::Tensor& topk_ids, int64_t activation) {
-  TORCH_CHECK(x.dim() == 2 && w13.dim() == 3 && w2.dim() == 3, "moe_experts: x (M, K), "
-              "w13 (E, 2I, K), w2 (E, K, I) expected");
-  const int64_t K = x.size(1), E = w13.size(0), I = w13.size(1) / 2;
-  TORCH_CHECK(w13.size(1) == 2 * I && w13.size(2) == K && w2.size(0) == E && w2.size(1) == K &&
-              w2.size(2) == I, "moe_experts: w13 ", w13.sizes(), " and w2 ", w2.sizes(),
-              " do not match x ", x.sizes());
+void moe_experts_packed(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13p,
+                        const at::Tensor& w2p, const at::Tensor& topk_weights,
+                        const at::Tensor& topk_ids, int64_t inter, int64_t activation) {
+  TORCH_CHECK(x.dim() == 2 && w13p.dim() == 5 && w2p.dim() == 5, "moe_experts_packed: x (M, K), "
+              "w13p (E, Ip/2, Kp/S, 4, S), w2p (E, ceil(K/4), Ip/S, 4, S) expected "
+              "(ops/moe.py: pack_moe_weights)");
+  const int64_t K = x.size(1), E = w13p.size(0), S = kDotStep;
+  const int64_t Ip = round_up(inter, S), Kp = round_up(K, S);
+  TORCH_CHECK(inter > 0 && w13p.size(4) == S && w2p.size(4) == S, "moe_experts_packed: weights "
+              "packed with k-step ", w13p.size(4), ", this build's is ", S, " (inter ", inter, ")");
+  TORCH_CHECK(w13p.size(1) == Ip / 2 && w13p.size(2) == Kp / S && w13p.size(3) == kPanelRows &&
+              w2p.size(0) == E && w2p.size(1) == (K + kPanelRows - 1) / kPanelRows &&
+              w2p.size(2) == Ip / S && w2p.size(3) == kPanelRows,
+              "moe_experts_packed: w13p ", w13p.sizes(), " and w2p ", w2p.sizes(),
+              " do not match x ", x.sizes(), " and inter ", inter);
   TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0) &&
               topk_weights.sizes() == topk_ids.sizes(), "moe_experts: topk_ids and topk_weights "
               "must both be (M, topk)");
   TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() &&
               out.is_contiguous(), "moe_experts: out must be a contiguous tensor like x");
-  TORCH_CHECK(w13.scalar_type() == w2.scalar_type() && w13.is_contiguous() && w2.is_contiguous(),
-              "moe_experts: w13 and w2 must be contiguous, of one dtype");
+  TORCH_CHECK(w13p.scalar_type() == w2p.scalar_type() && w13p.is_contiguous() &&
+              w2p.is_contiguous(), "moe_experts: w13p and w2p must be contiguous, of one dtype");
   TORCH_CHECK(activation >= kSilu && activation <= kGelu, "moe_experts: activation ", activation,
               " is not 0 (silu), 1 (gelu_tanh) or 2 (gelu)");
   if (x.size(0) == 0) return;
   at::NoGradGuard no_grad;
   VHN_DISPATCH_FB(x.scalar_type(), T, [&] {
-    VHN_DISPATCH_FB(w13.scalar_type(), W, [&] {
-      moe_impl<T, W>(out, x, w13, w2, topk_weights, topk_ids, activation);
+    VHN_DISPATCH_FB(w13p.scalar_type(), W, [&] {
+      moe_impl<T, W>(out, x, w13p, w2p, topk_weights, topk_ids, inter, activation);
     });
   });
 }
 
+int64_t moe_pack_step() { return kDotStep; }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vllm_hybrid_neuron, CPU, m) {
-  m.impl("moe_experts", &moe_experts);
+  m.impl("moe_experts_packed", &moe_experts_packed);
+}
+
+// The k-step (S) this build packs expert weights with; no tensor arguments, so defined here
+// with its one (catch-all) kernel.
+TORCH_LIBRARY_FRAGMENT(vllm_hybrid_neuron, m) {
+  m.def("moe_pack_step() -> int", &moe_pack_step);
 }
 
 }  // namespace vhn

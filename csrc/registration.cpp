@@ -59,9 +59,10 @@ TORCH_LIBRARY(vllm_hybrid_neuron, m) {
   // out (..., N) = x (..., K) @ weight (N, K)^T + bias; bf16 weight streamed once when
   // M = x.numel() / K <= 8 (decode), at::linear otherwise. Functional (returns out).
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  // Routed MoE experts: out (M, K) = sum_j topk_weights[:, j] * expert_{topk_ids[:, j]}(x);
-  // w13 (E, 2I, K) = [gate; up], w2 (E, K, I); activation 0 silu, 1 gelu_tanh, 2 gelu.
+  // Routed MoE experts: out (M, K) = sum_j topk_weights[:, j] * expert_{topk_ids[:, j]}(x) on
+  // weights packed by ops/moe.py's pack_moe_weights (layout: csrc/moe_experts.cpp); inter = I;
+  // activation 0 silu, 1 gelu_tanh, 2 gelu.
   m.def(
-      "moe_experts(Tensor(a!) out, Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, "
-      "Tensor topk_ids, int activation) -> ()");
+      "moe_experts_packed(Tensor(a!) out, Tensor x, Tensor w13p, Tensor w2p, "
+      "Tensor topk_weights, Tensor topk_ids, int inter, int activation) -> ()");
 }

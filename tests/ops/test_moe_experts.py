@@ -1,4 +1,4 @@
-"""moe_experts against its reference and against vLLM's own CPU MoE kernel: M = 1 .. 513 tokens,
+"""moe_experts (packing + the packed C++ op) against its reference and against vLLM's own CPU MoE kernel: M = 1 .. 513 tokens,
 experts hit by no, one and many tokens, top-k 1 / 2 / 8, 8 to 256 experts, intermediate and
 hidden sizes off the vector width, the three activations, fp32 and bf16; a token's result does
 not depend on the other tokens in the call; bad inputs raise; opcheck."""
@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from _helpers import assert_close
-from vllm_hybrid_neuron.ops.moe import moe_experts, moe_experts_ref
+from vllm_hybrid_neuron.ops.moe import (
+    moe_experts,
+    moe_experts_packed,
+    moe_experts_packed_ref,
+    moe_experts_ref,
+    pack_moe_weights,
+    pack_step,
+    unpack_moe_weights,
+)
 
 
 def _inputs(M, E, K, inter, topk, dtype, seed=0, hot=None):
@@ -113,16 +121,59 @@ def test_bad_inputs_raise():
     out = torch.empty_like(x)
     with pytest.raises(RuntimeError, match="outside"):
         moe_experts(out, x, w13, w2, weights, torch.full_like(ids, 4))
-    with pytest.raises(RuntimeError, match="do not match"):
+    with pytest.raises(ValueError, match="do not match"):
         moe_experts(out, x, w13, w2[:, :, :8].contiguous(), weights, ids)
+    w13p, w2p = pack_moe_weights(w13, w2)
+    with pytest.raises(RuntimeError, match="do not match"):  # packed for another inter
+        moe_experts_packed(out, x, w13p, w2p, weights, ids, 40)
+    with pytest.raises(RuntimeError, match="do not match"):  # packed for another hidden size
+        moe_experts_packed(out[:, :16].contiguous(), x[:, :16].contiguous(), w13p, w2p, weights,
+                           ids, 16)
+    with pytest.raises(RuntimeError, match="k-step"):  # packed for another ISA's k-step
+        other = 32 if pack_step() == 16 else 16
+        moe_experts_packed(out, x, *pack_moe_weights(w13, w2, step=other), weights, ids, 16)
     with pytest.raises(ValueError, match="activation='relu'"):
         moe_experts(out, x, w13, w2, weights, ids, "relu")
     empty = x[:0]
     moe_experts(empty.clone(), empty, w13, w2, weights[:0], ids[:0])  # no tokens: nothing to do
 
 
+@pytest.mark.parametrize("step", [None, 16, 32], ids=["build", "s16", "s32"])
+@pytest.mark.parametrize("E,K,inter", [(3, 16, 17), (2, 70, 33), (4, 96, 40), (1, 5, 1)],
+                         ids=lambda v: str(v))
+def test_pack_round_trip(step, E, K, inter):
+    """Packing keeps every weight, pads with zeros, and puts gate 2p, 2p+1, up 2p, 2p+1 in
+    panel p (as the kernel reads them)."""
+    g = torch.Generator().manual_seed(E * K + inter)
+    w13, w2 = torch.randn(E, 2 * inter, K, generator=g), torch.randn(E, K, inter, generator=g)
+    w13p, w2p = pack_moe_weights(w13, w2, step=step)
+    S = step or pack_step()
+    assert w13p.shape == (E, -(-inter // S) * S // 2, -(-K // S), 4, S)
+    assert w2p.shape == (E, -(-K // 4), -(-inter // S), 4, S)
+    gate1 = w13[:, 1, 0] if inter > 1 else torch.zeros(E)  # gate row 1, or padding
+    assert torch.equal(w13p[:, 0, 0, 1, 0], gate1)
+    assert torch.equal(w13p[:, 0, 0, 2, 0], w13[:, inter, 0])  # up row 0 is panel 0's 3rd row
+    assert w13p.abs().sum() == pytest.approx(w13.abs().sum().item(), rel=1e-6)  # only zeros added
+    assert w2p.abs().sum() == pytest.approx(w2.abs().sum().item(), rel=1e-6)
+    back13, back2 = unpack_moe_weights(w13p, w2p, inter, K)
+    assert torch.equal(back13, w13) and torch.equal(back2, w2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("M", [1, 4, 33])
+def test_packed_op_against_packed_reference(dtype, M):
+    """The packed op against the reference of the same signature (unpack + moe_experts_ref)."""
+    x, w13, w2, weights, ids = _inputs(M, 16, 72, 40, 4, dtype, seed=M)
+    w13p, w2p = pack_moe_weights(w13, w2)
+    got, ref = torch.empty_like(x), torch.empty_like(x)
+    moe_experts_packed(got, x, w13p, w2p, weights, ids, 40, "gelu_tanh")
+    moe_experts_packed_ref(ref, x, w13p, w2p, weights, ids, 40, "gelu_tanh")
+    assert_close(got, ref, dtype, name=f"packed M{M}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_opcheck(dtype):
     x, w13, w2, weights, ids = _inputs(6, 8, 32, 16, 2, dtype)
-    torch.library.opcheck(torch.ops.vllm_hybrid_neuron.moe_experts,
-                          (torch.empty_like(x), x, w13, w2, weights, ids, 0))
+    w13p, w2p = pack_moe_weights(w13, w2)
+    torch.library.opcheck(torch.ops.vllm_hybrid_neuron.moe_experts_packed,
+                          (torch.empty_like(x), x, w13p, w2p, weights, ids, 16, 0))

@@ -27,7 +27,7 @@ _OPS = (
     "ssd_chunk_scan",
     "gdn_recurrent",
     "gdn_chunk",
-    "moe_experts",
+    "moe_experts_packed",
 )
 
 

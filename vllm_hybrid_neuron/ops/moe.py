@@ -3,13 +3,17 @@
     out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])
     expert_e(x) = (act(x @ w13[e, :I].T) * (x @ w13[e, I:].T)) @ w2[e].T
 
-The layout is vLLM's (``w13`` = [gate; up] stacked on dim 1). Routing (softmax, top-k,
-renormalisation, Gemma 4's scales) and the shared expert stay with the caller. The C++ op
-(``csrc/moe_experts.cpp``) accumulates in fp32 with fp32 intermediates and rounds once, to
-``x``'s dtype; the reference does the same in plain torch, one expert at a time.
+``w13`` (E, 2I, K) = [gate; up] and ``w2`` (E, K, I) are vLLM's layout. The C++ op streams them
+packed once (at load) by ``pack_moe_weights`` into panels of four rows, k-step-major
+(layout: csrc/moe_experts.cpp), so that a work item's weights are one contiguous stream.
+Routing (softmax, top-k, renormalisation, Gemma 4's scales) and the shared expert stay with the
+caller. The op accumulates in fp32 with fp32 intermediates and rounds once, to ``x``'s dtype;
+the reference does the same in plain torch, one expert at a time.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch.nn import functional as F
@@ -18,6 +22,7 @@ from vllm_hybrid_neuron.ops._library import ops, require_c
 
 # Activation codes of the C++ op.
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+PANEL_ROWS = 4  # weight rows per packed panel
 
 
 def _act(g: torch.Tensor, activation: str) -> torch.Tensor:
@@ -28,6 +33,50 @@ def _act(g: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "gelu":
         return F.gelu(g)
     raise ValueError(f"activation={activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+
+
+@functools.cache
+def pack_step() -> int:
+    """Elements per k-step of this build's dot kernel (16 on AVX2, 32 on AVX-512)."""
+    require_c()
+    return int(ops.moe_pack_step())
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def pack_moe_weights(w13: torch.Tensor, w2: torch.Tensor,
+                     step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's w13 (E, 2I, K) and w2 (E, K, I) -> (w13p (E, Ip/2, Kp/S, 4, S),
+    w2p (E, ceil(K/4), Ip/S, 4, S)), S = ``step`` (default: this build's), Ip / Kp = I / K
+    rounded up to S, zero padded. A gate/up panel p is [gate 2p, gate 2p+1, up 2p, up 2p+1]."""
+    S = step or pack_step()
+    E, two_i, K = w13.shape
+    inter = two_i // 2
+    if two_i % 2 or w2.shape != (E, K, inter):
+        raise ValueError(f"moe weights: w13 {tuple(w13.shape)} (E, 2I, K) and w2 "
+                         f"{tuple(w2.shape)} (E, K, I) do not match")
+    Ip, Kp, Kr = _round_up(inter, S), _round_up(K, S), _round_up(K, PANEL_ROWS)
+    pad13 = (0, Kp - K, 0, Ip - inter)
+    gate = F.pad(w13[:, :inter], pad13).view(E, Ip // 2, 2, Kp)
+    up = F.pad(w13[:, inter:], pad13).view(E, Ip // 2, 2, Kp)
+    w13p = torch.cat([gate, up], dim=2)  # (E, Ip/2, 4, Kp)
+    w13p = w13p.view(E, Ip // 2, PANEL_ROWS, Kp // S, S).transpose(2, 3).contiguous()
+    w2p = F.pad(w2, (0, Ip - inter, 0, Kr - K))  # (E, Kr, Ip)
+    w2p = w2p.view(E, Kr // PANEL_ROWS, PANEL_ROWS, Ip // S, S).transpose(2, 3).contiguous()
+    return w13p, w2p
+
+
+def unpack_moe_weights(w13p: torch.Tensor, w2p: torch.Tensor, inter: int,
+                       hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``pack_moe_weights``: (w13 (E, 2I, K), w2 (E, K, I))."""
+    E, half_ip, ks, _, S = w13p.shape
+    rows = w13p.transpose(2, 3).reshape(E, half_ip, PANEL_ROWS, ks * S)  # (E, Ip/2, 4, Kp)
+    gate = rows[:, :, :2].reshape(E, 2 * half_ip, ks * S)[:, :inter, :hidden]
+    up = rows[:, :, 2:].reshape(E, 2 * half_ip, ks * S)[:, :inter, :hidden]
+    w2 = w2p.transpose(2, 3).reshape(E, -1, w2p.shape[2] * S)[:, :hidden, :inter]
+    return torch.cat([gate, up], dim=1).contiguous(), w2.contiguous()
 
 
 def moe_experts_ref(out: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -45,11 +94,29 @@ def moe_experts_ref(out: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: t
     out.copy_(acc)
 
 
-def moe_experts(out: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                activation: str = "silu") -> None:
-    """Same arguments and result as ``moe_experts_ref`` (one C++ op)."""
+def moe_experts_packed_ref(out: torch.Tensor, x: torch.Tensor, w13p: torch.Tensor,
+                           w2p: torch.Tensor, topk_weights: torch.Tensor,
+                           topk_ids: torch.Tensor, inter: int, activation: str = "silu") -> None:
+    """Reference of the packed op: unpack, then ``moe_experts_ref``."""
+    w13, w2 = unpack_moe_weights(w13p, w2p, inter, x.shape[1])
+    moe_experts_ref(out, x, w13, w2, topk_weights, topk_ids, activation)
+
+
+def moe_experts_packed(out: torch.Tensor, x: torch.Tensor, w13p: torch.Tensor,
+                       w2p: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                       inter: int, activation: str = "silu") -> None:
+    """Same arguments and result as ``moe_experts_packed_ref`` (one C++ op)."""
     require_c()
     if activation not in ACTIVATIONS:
         _act(x, activation)  # raises, naming the choices
-    ops.moe_experts(out, x, w13, w2, topk_weights, topk_ids, ACTIVATIONS[activation])
+    ops.moe_experts_packed(out, x, w13p, w2p, topk_weights, topk_ids, inter,
+                           ACTIVATIONS[activation])
+
+
+def moe_experts(out: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                activation: str = "silu") -> None:
+    """Same arguments and result as ``moe_experts_ref``: packs, then the C++ op (for tests and
+    one-off calls; served layers pack once at load and call ``moe_experts_packed``)."""
+    w13p, w2p = pack_moe_weights(w13, w2)
+    moe_experts_packed(out, x, w13p, w2p, topk_weights, topk_ids, w13.shape[1] // 2, activation)

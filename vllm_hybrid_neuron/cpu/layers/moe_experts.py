@@ -32,20 +32,22 @@ from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedE
 
 from vllm_hybrid_neuron import envs
 from vllm_hybrid_neuron.cpu import vllm_seam
-from vllm_hybrid_neuron.ops.moe import ACTIVATIONS, moe_experts
+from vllm_hybrid_neuron.ops.moe import ACTIVATIONS, moe_experts_packed, pack_moe_weights
 
 logger = logging.getLogger("vllm.hybrid_neuron")
 
 
 class PluginCPUExperts(CPUUnquantizedExperts):
-    """vLLM's CPU experts interface, computed by ``moe_experts``."""
+    """vLLM's CPU experts interface, computed by ``moe_experts_packed`` on weights packed once
+    here, at load."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         vllm_seam.keep_off_zentorch(self)
-        for name in ("w13_weight", "w2_weight"):  # (E, 2I, K), (E, K, I) as loaded
-            param = getattr(layer, name)
-            if not param.is_contiguous():
-                param.data = param.data.contiguous()
+        w13, w2 = layer.w13_weight, layer.w2_weight  # (E, 2I, K), (E, K, I) as loaded
+        self.inter = w13.shape[1] // 2
+        # Packed copies replace the loaded tensors (vLLM's own CPU experts replace them with
+        # their prepacked form the same way); apply() receives these.
+        w13.data, w2.data = pack_moe_weights(w13.data, w2.data)
 
     def apply(self, output: torch.Tensor, hidden_states: torch.Tensor, w1: torch.Tensor,
               w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -56,7 +58,8 @@ class PluginCPUExperts(CPUUnquantizedExperts):
         # hidden_states, and its CPU kernel then skips the weighting; so must the op.
         if apply_router_weight_on_input:
             topk_weights = torch.ones_like(topk_weights)
-        moe_experts(output, hidden_states, w1, w2, topk_weights, topk_ids, activation.value)
+        moe_experts_packed(output, hidden_states, w1, w2, topk_weights, topk_ids, self.inter,
+                           activation.value)
 
 
 def _covered(method) -> str | None:
