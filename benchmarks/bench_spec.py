@@ -21,13 +21,15 @@ import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+MOE_NAMES = {"auto": "default", "vllm": "vLLM's kernel", "plugin": "plugin's moe_experts"}
 
 
-def run(request: dict) -> dict:
+def run(request: dict, moe: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         req, res = Path(tmp, "req.json"), Path(tmp, "res.json")
         req.write_text(json.dumps(request))
-        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4"}
+        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4",
+               "VLLM_HYBRID_NEURON_MOE": moe}
         proc = subprocess.run([sys.executable, "-m", "vllm_hybrid_neuron.tools.generate",
                                str(req), str(res)], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -42,6 +44,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--label", default="random weights",
                         help="row name for this checkpoint in the results table")
+    parser.add_argument("--moe", default="auto", choices=["auto", "plugin", "vllm"],
+                        help="VLLM_HYBRID_NEURON_MOE for both engines (named in the row)")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -58,7 +62,7 @@ def main() -> None:
         "prompt_lookup_max": 3, "prompt_lookup_min": 1}
     results = {}
     for name, request in (("plain", base), (f"ngram{args.drafts}", spec)):
-        r = run(request)
+        r = run(request, args.moe)
         warm = r["rounds"][1]  # the second round: warm engine
         tokens = sum(len(o) for o in warm["outputs"])
         m = r["metrics"]
@@ -73,18 +77,19 @@ def main() -> None:
     summary = {"model": json.loads(Path(args.model_dir, "tiny_model.json").read_text()),
                "identical_tokens": same, "plain_tok_s": plain["output_tok_s"],
                "ngram_tok_s": fast["output_tok_s"], "acceptance": fast["acceptance"],
-               "drafts": args.drafts, "max_tokens": args.max_tokens}
+               "drafts": args.drafts, "max_tokens": args.max_tokens, "moe": args.moe}
     path = RESULTS / "spec.json"
     table = json.loads(path.read_text()) if path.exists() else {}
     if "model" in table:  # one-row file of an earlier version
         table = {"random weights": table}
     table[args.label] = summary
     path.write_text(json.dumps(table, indent=2) + "\n")
-    lines = ["| checkpoint | workload | plain tok/s | ngram tok/s | speed-up | draft acceptance "
-             "| tokens identical |", "|---|---|---|---|---|---|---|"]
+    lines = ["| checkpoint | MoE experts | workload | plain tok/s | ngram tok/s | speed-up "
+             "| draft acceptance | tokens identical |", "|---|---|---|---|---|---|---|---|"]
     for label, r in table.items():
         lines.append(
-            f"| {label} | 4 repetitive prompts x {r.get('max_tokens', 128)} tokens, "
+            f"| {label} | {MOE_NAMES[r.get('moe', 'auto')]} "
+            f"| 4 repetitive prompts x {r.get('max_tokens', 128)} tokens, "
             f"{r['drafts']} drafts | {r['plain_tok_s']:.1f} | {r['ngram_tok_s']:.1f} | "
             f"{r['ngram_tok_s'] / r['plain_tok_s']:.2f}x | {r['acceptance']:.0%} | "
             f"{r['identical_tokens']} |")

@@ -6,7 +6,9 @@ framework glue: vLLM's scheduler, input preparation, sampling bookkeeping, the m
 
 One engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so the profiler sees the
 engine core and the model), bf16, both cores. After a warm-up, ``--steps`` greedy decode steps
-of ``--batch`` sequences run under torch.profiler (CPU activities). Reported per step: wall
+of ``--batch`` sequences run under torch.profiler (CPU activities); a profiled run of the
+prefill and first token alone is subtracted op by op, so the figures are the decode steps'.
+Reported per step: wall
 time; time inside ops (the sum of every op's self CPU time: no op counted twice); the rest,
 outside any op; and the ops with the largest self time. Writes
 benchmarks/results/step-overhead-<family>-<path>-b<batch>.json and prints a summary line.
@@ -73,29 +75,37 @@ def main() -> None:
 
     decode(args.steps)  # warm-up
     one = min(decode(1) for _ in range(3))  # prefill + one token: subtracted below
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        wall = decode(args.steps + 1)
-    events = prof.key_averages()
+
+    def profiled(n):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            wall = decode(n)
+        return wall, {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}
+
+    # The prefill and first token run under the profiler alone, then with the decode steps;
+    # each op's figures are the difference, so the prompts' prefill is not counted.
+    wall_one, ops_one = profiled(1)
+    wall_all, ops_all = profiled(args.steps + 1)
+    wall = wall_all - wall_one
+    ops = {k: (us - ops_one.get(k, (0, 0))[0], n - ops_one.get(k, (0, 0))[1])
+           for k, (us, n) in ops_all.items()}
     counters = {m.name: m.value for m in llm.get_metrics()
                 if m.name.startswith("vllm:spec_decode_num_") and hasattr(m, "value")}
-    inside_us = sum(e.self_cpu_time_total for e in events)
-    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-    # the prefill and first token measured without the profiler, scaled by the profiled run's
-    # own inflation is not known: report both the raw and the per-step figures
-    step_ms = (wall - one) / args.steps * 1e3
+    inside_us = sum(us for us, _ in ops.values())
+    top = sorted(ops.items(), key=lambda kv: kv[1][0], reverse=True)[:15]
+    step_ms = wall / args.steps * 1e3
     tokens = args.batch * args.steps  # output tokens after the first, ignore_eos
     result = {
         "family": args.family, "path": "native" if args.native else "plugin",
         "mode": "compiled" if args.compiled else "eager", "batch": args.batch,
         "steps": args.steps, "spec_drafts": args.spec_drafts,
         "repetitive": args.repetitive, "spec_counters_cumulative": counters,
-        "profiled_wall_s": wall, "prefill_and_first_token_s": one,
+        "profiled_decode_s": wall, "prefill_and_first_token_s": one,
         "step_ms_profiled": step_ms,
         "inside_ops_fraction": inside_us / 1e6 / wall,
         "outside_ops_fraction": 1 - inside_us / 1e6 / wall,
-        "top_ops": [{"name": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / args.steps,
-                     "self_ms_per_token": e.self_cpu_time_total / 1e3 / tokens,
-                     "calls_per_step": e.count / args.steps} for e in top],
+        "top_ops": [{"name": k, "self_ms_per_step": us / 1e3 / args.steps,
+                     "self_ms_per_token": us / 1e3 / tokens,
+                     "calls_per_step": n / args.steps} for k, (us, n) in top],
     }
     plain = min(decode(args.steps + 1) for _ in range(2))
     result["step_ms"] = (plain - one) / args.steps * 1e3

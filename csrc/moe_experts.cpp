@@ -7,10 +7,11 @@
 // work item's weights are one contiguous stream the hardware prefetcher follows to the end.
 //
 // Packed layout, S = kDotStep (elements per k-step of the dot kernel, 16 on AVX2, 32 on AVX-512),
-// Ip = I rounded up to S, Kp = K rounded up to S, zero padding everywhere:
-//   w13p (E, Ip/2, Kp/S, 4, S): panel p holds rows [gate 2p, gate 2p+1, up 2p, up 2p+1],
-//                               k-step-major (the 4 rows' S elements of one k-step adjacent);
-//   w2p  (E, ceil(K/4), Ip/S, 4, S): panel p holds down rows 4p .. 4p+3 the same way.
+// Ip = I rounded up to S, Kp = K rounded up to S, zero padding everywhere (3-D, as vLLM's MoE
+// kernel interface requires; the last dim is a panel):
+//   w13p (E, Ip/2, [Kp/S, 4, S]): panel p holds rows [gate 2p, gate 2p+1, up 2p, up 2p+1],
+//                                 k-step-major (the 4 rows' S elements of one k-step adjacent);
+//   w2p  (E, ceil(K/4), [Ip/S, 4, S]): panel p holds down rows 4p .. 4p+3 the same way.
 // A gate/up panel yields two activations act(g) * u directly; a down panel four outputs.
 //
 //  1. the (token, j) slots are sorted by expert (counting sort, token order kept within an expert);
@@ -219,18 +220,16 @@ void moe_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13p, cons
 void moe_experts_packed(at::Tensor& out, const at::Tensor& x, const at::Tensor& w13p,
                         const at::Tensor& w2p, const at::Tensor& topk_weights,
                         const at::Tensor& topk_ids, int64_t inter, int64_t activation) {
-  TORCH_CHECK(x.dim() == 2 && w13p.dim() == 5 && w2p.dim() == 5, "moe_experts_packed: x (M, K), "
-              "w13p (E, Ip/2, Kp/S, 4, S), w2p (E, ceil(K/4), Ip/S, 4, S) expected "
-              "(ops/moe.py: pack_moe_weights)");
+  TORCH_CHECK(x.dim() == 2 && w13p.dim() == 3 && w2p.dim() == 3, "moe_experts_packed: x (M, K), "
+              "w13p (E, Ip/2, 4 Kp), w2p (E, ceil(K/4), 4 Ip) expected (ops/moe.py: "
+              "pack_moe_weights)");
   const int64_t K = x.size(1), E = w13p.size(0), S = kDotStep;
   const int64_t Ip = round_up(inter, S), Kp = round_up(K, S);
-  TORCH_CHECK(inter > 0 && w13p.size(4) == S && w2p.size(4) == S, "moe_experts_packed: weights "
-              "packed with k-step ", w13p.size(4), ", this build's is ", S, " (inter ", inter, ")");
-  TORCH_CHECK(w13p.size(1) == Ip / 2 && w13p.size(2) == Kp / S && w13p.size(3) == kPanelRows &&
+  TORCH_CHECK(inter > 0 && w13p.size(1) == Ip / 2 && w13p.size(2) == kPanelRows * Kp &&
               w2p.size(0) == E && w2p.size(1) == (K + kPanelRows - 1) / kPanelRows &&
-              w2p.size(2) == Ip / S && w2p.size(3) == kPanelRows,
+              w2p.size(2) == kPanelRows * Ip,
               "moe_experts_packed: w13p ", w13p.sizes(), " and w2p ", w2p.sizes(),
-              " do not match x ", x.sizes(), " and inter ", inter);
+              " do not match x ", x.sizes(), " and inter ", inter, " (packed with k-step ", S, ")");
   TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0) &&
               topk_weights.sizes() == topk_ids.sizes(), "moe_experts: topk_ids and topk_weights "
               "must both be (M, topk)");

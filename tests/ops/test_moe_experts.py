@@ -129,7 +129,7 @@ def test_bad_inputs_raise():
     with pytest.raises(RuntimeError, match="do not match"):  # packed for another hidden size
         moe_experts_packed(out[:, :16].contiguous(), x[:, :16].contiguous(), w13p, w2p, weights,
                            ids, 16)
-    with pytest.raises(RuntimeError, match="k-step"):  # packed for another ISA's k-step
+    with pytest.raises(RuntimeError, match="do not match"):  # packed for another ISA's k-step
         other = 32 if pack_step() == 16 else 16
         moe_experts_packed(out, x, *pack_moe_weights(w13, w2, step=other), weights, ids, 16)
     with pytest.raises(ValueError, match="activation='relu'"):
@@ -148,14 +148,14 @@ def test_pack_round_trip(step, E, K, inter):
     w13, w2 = torch.randn(E, 2 * inter, K, generator=g), torch.randn(E, K, inter, generator=g)
     w13p, w2p = pack_moe_weights(w13, w2, step=step)
     S = step or pack_step()
-    assert w13p.shape == (E, -(-inter // S) * S // 2, -(-K // S), 4, S)
-    assert w2p.shape == (E, -(-K // 4), -(-inter // S), 4, S)
-    gate1 = w13[:, 1, 0] if inter > 1 else torch.zeros(E)  # gate row 1, or padding
-    assert torch.equal(w13p[:, 0, 0, 1, 0], gate1)
-    assert torch.equal(w13p[:, 0, 0, 2, 0], w13[:, inter, 0])  # up row 0 is panel 0's 3rd row
+    Ip, Kp = -(-inter // S) * S, -(-K // S) * S
+    assert w13p.shape == (E, Ip // 2, 4 * Kp) and w2p.shape == (E, -(-K // 4), 4 * Ip)
+    gate1 = w13[:, 1, :min(K, S)] if inter > 1 else torch.zeros(E, min(K, S))  # or padding
+    assert torch.equal(w13p[:, 0, S:S + min(K, S)], gate1)  # panel 0, k-step 0, row 1
+    assert torch.equal(w13p[:, 0, 2 * S:2 * S + min(K, S)], w13[:, inter, :S])  # row 2: up 0
     assert w13p.abs().sum() == pytest.approx(w13.abs().sum().item(), rel=1e-6)  # only zeros added
     assert w2p.abs().sum() == pytest.approx(w2.abs().sum().item(), rel=1e-6)
-    back13, back2 = unpack_moe_weights(w13p, w2p, inter, K)
+    back13, back2 = unpack_moe_weights(w13p, w2p, inter, K, step=step)
     assert torch.equal(back13, w13) and torch.equal(back2, w2)
 
 

@@ -48,9 +48,11 @@ def _round_up(n: int, m: int) -> int:
 
 def pack_moe_weights(w13: torch.Tensor, w2: torch.Tensor,
                      step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM's w13 (E, 2I, K) and w2 (E, K, I) -> (w13p (E, Ip/2, Kp/S, 4, S),
-    w2p (E, ceil(K/4), Ip/S, 4, S)), S = ``step`` (default: this build's), Ip / Kp = I / K
-    rounded up to S, zero padded. A gate/up panel p is [gate 2p, gate 2p+1, up 2p, up 2p+1]."""
+    """vLLM's w13 (E, 2I, K) and w2 (E, K, I) -> (w13p (E, Ip/2, 4 Kp), w2p (E, ceil(K/4), 4 Ip)):
+    one panel per row, each (Kp/S, 4, S) (resp. (Ip/S, 4, S)) flattened - 3-D as vLLM's MoE
+    kernel interface requires of expert weights. S = ``step`` (default: this build's; the op
+    reads only its own), Ip / Kp = I / K rounded up to S, zero padded. Gate/up panel p holds
+    [gate 2p, gate 2p+1, up 2p, up 2p+1]."""
     S = step or pack_step()
     E, two_i, K = w13.shape
     inter = two_i // 2
@@ -62,20 +64,25 @@ def pack_moe_weights(w13: torch.Tensor, w2: torch.Tensor,
     gate = F.pad(w13[:, :inter], pad13).view(E, Ip // 2, 2, Kp)
     up = F.pad(w13[:, inter:], pad13).view(E, Ip // 2, 2, Kp)
     w13p = torch.cat([gate, up], dim=2)  # (E, Ip/2, 4, Kp)
-    w13p = w13p.view(E, Ip // 2, PANEL_ROWS, Kp // S, S).transpose(2, 3).contiguous()
+    w13p = w13p.view(E, Ip // 2, PANEL_ROWS, Kp // S, S).transpose(2, 3)  # (E, Ip/2, Kp/S, 4, S)
     w2p = F.pad(w2, (0, Ip - inter, 0, Kr - K))  # (E, Kr, Ip)
-    w2p = w2p.view(E, Kr // PANEL_ROWS, PANEL_ROWS, Ip // S, S).transpose(2, 3).contiguous()
-    return w13p, w2p
+    w2p = w2p.view(E, Kr // PANEL_ROWS, PANEL_ROWS, Ip // S, S).transpose(2, 3)
+    return (w13p.reshape(E, Ip // 2, PANEL_ROWS * Kp).contiguous(),
+            w2p.reshape(E, Kr // PANEL_ROWS, PANEL_ROWS * Ip).contiguous())
 
 
-def unpack_moe_weights(w13p: torch.Tensor, w2p: torch.Tensor, inter: int,
-                       hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_moe_weights(w13p: torch.Tensor, w2p: torch.Tensor, inter: int, hidden: int,
+                       step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of ``pack_moe_weights``: (w13 (E, 2I, K), w2 (E, K, I))."""
-    E, half_ip, ks, _, S = w13p.shape
-    rows = w13p.transpose(2, 3).reshape(E, half_ip, PANEL_ROWS, ks * S)  # (E, Ip/2, 4, Kp)
-    gate = rows[:, :, :2].reshape(E, 2 * half_ip, ks * S)[:, :inter, :hidden]
-    up = rows[:, :, 2:].reshape(E, 2 * half_ip, ks * S)[:, :inter, :hidden]
-    w2 = w2p.transpose(2, 3).reshape(E, -1, w2p.shape[2] * S)[:, :hidden, :inter]
+    S = step or pack_step()
+    E, half_ip, kp4 = w13p.shape
+    Kp, Ip = kp4 // PANEL_ROWS, w2p.shape[2] // PANEL_ROWS
+    rows = w13p.view(E, half_ip, Kp // S, PANEL_ROWS, S).transpose(2, 3)
+    rows = rows.reshape(E, half_ip, PANEL_ROWS, Kp)
+    gate = rows[:, :, :2].reshape(E, 2 * half_ip, Kp)[:, :inter, :hidden]
+    up = rows[:, :, 2:].reshape(E, 2 * half_ip, Kp)[:, :inter, :hidden]
+    w2 = w2p.view(E, -1, Ip // S, PANEL_ROWS, S).transpose(2, 3).reshape(E, -1, Ip)
+    w2 = w2[:, :hidden, :inter]
     return torch.cat([gate, up], dim=1).contiguous(), w2.contiguous()
 
 

@@ -6,17 +6,17 @@ batched decode, speculative verification and prefill pay for each token what a l
 pays (benchmarks/bench_moe.py). The plugin's op groups tokens by expert and reads each routed
 expert's weights once per step.
 
-Opt-in (``VLLM_HYBRID_NEURON_MOE=plugin``): on this project's AVX2 machines the op is
-1.2-1.5x vLLM's kernel from 64 tokens per call or 16 tokens sharing experts (prefill chunks,
-speculative verification) but 0.73-0.91x at decode sizes, where vLLM's prepacked kernel
-streams bf16 weights faster than the op's (benchmarks/results/moe.md), so vLLM's kernel stays
-the default.
+Opt-in (``VLLM_HYBRID_NEURON_MOE=plugin``). With the weights packed once at load
+(``pack_moe_weights``: one contiguous stream per work item) the op matches vLLM's kernel on this
+project's AVX2 machines at every size measured, within the machines' run-to-run noise, and
+speculative decoding gains nothing consistent from it (benchmarks/results/moe.md, spec.md), so
+vLLM's kernel stays the default.
 
 Hooked through vLLM's MoE method's public ``experts_cls`` (the class its modular kernel
 instantiates): before weights load, the plugin's model classes swap it for ``PluginCPUExperts``,
-a subclass that keeps vLLM's (E, 2I, K) / (E, K, I) weights as they load (no padding, no
-prepacking) and whose ``apply`` calls the op. Routing (softmax / renormalised top-k, Gemma 4's
-scales) and the shared expert stay vLLM's. Only that exact class is replaced (vLLM's AMX, ARM,
+a subclass that packs vLLM's (E, 2I, K) / (E, K, I) weights once after loading (in place of
+vLLM's own prepacking) and whose ``apply`` calls the op. Routing (softmax / renormalised top-k,
+Gemma 4's scales) and the shared expert stay vLLM's. Only that exact class is replaced (vLLM's AMX, ARM,
 Power and zentorch kernels stay), and only for activations, layouts and parallel setups the op
 covers; anything else keeps vLLM's kernel.
 """
