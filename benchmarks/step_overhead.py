@@ -97,6 +97,7 @@ def main() -> None:
     result = {
         "family": args.family, "path": "native" if args.native else "plugin",
         "mode": "compiled" if args.compiled else "eager", "batch": args.batch,
+        "moe_env": os.environ.get("VLLM_HYBRID_NEURON_MOE", "auto"),
         "steps": args.steps, "spec_drafts": args.spec_drafts,
         "repetitive": args.repetitive, "spec_counters_cumulative": counters,
         "profiled_decode_s": wall, "prefill_and_first_token_s": one,

@@ -90,6 +90,16 @@ def hf_logprobs(model, prompt: list[int], generated: list[int]) -> tuple[list[fl
 
 
 @torch.no_grad()
+def _teacher_forced(model, prompt: list[int], generated: list[int]) -> tuple[torch.Tensor, float]:
+    """transformers' fp32 logits at the positions that chose ``generated`` (gen, vocab), and the
+    worst deficit: how far a chosen token's logit is below that position's argmax."""
+    logits = model(torch.tensor([prompt + generated])).logits[0].float()  # (seq, vocab)
+    rows = logits[len(prompt) - 1: len(prompt) - 1 + len(generated)]  # (gen, vocab)
+    chosen = rows.gather(1, torch.tensor(generated)[:, None])[:, 0]
+    return rows, float((rows.max(dim=1).values - chosen).max())
+
+
+@torch.no_grad()
 def same_greedy_tokens(model, prompts: list[list[int]], outputs: list[list[int]],
                        expected: list[list[int]], margin: float) -> list[str]:
     """Where ``outputs`` differ from ``expected`` (two vLLM runs that must agree): why, as a
