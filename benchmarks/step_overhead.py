@@ -8,9 +8,8 @@ One engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so the profiler se
 engine core and the model), bf16, both cores. After a warm-up, ``--steps`` greedy decode steps
 of ``--batch`` sequences run under torch.profiler (CPU activities); a profiled run of the
 prefill and first token alone is subtracted op by op, so the figures are the decode steps'.
-Reported per step: wall
-time; time inside ops (the sum of every op's self CPU time: no op counted twice); the rest,
-outside any op; and the ops with the largest self time. Writes
+Reported per step: wall time; time inside ops (the sum of every op's self CPU time: no op
+counted twice); the rest, outside any op; and the ops with the largest self time. Writes
 benchmarks/results/step-overhead-<family>-<path>-b<batch>.json and prints a summary line.
 
 With --spec-drafts N the engine drafts N tokens per step by ngram (bench_spec.py's

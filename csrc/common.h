@@ -74,6 +74,11 @@ inline void vstore(BFloat16* p, const fVec& v, int64_t cnt) {
 template <typename T>
 inline float tof(T v) { return static_cast<float>(v); }
 
+// Sum of a vector's lanes.
+inline float hsum(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, v);
+}
+
 inline float softplus(float x) { return x <= 20.f ? std::log1p(std::exp(x)) : x; }
 inline float silu(float x) { return x / (1.f + std::exp(-x)); }
 

@@ -94,7 +94,7 @@ void recurrent_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             h.store(row + i, c);
             acc = at::vec::fmadd(h, fVec::loadu(kb[t] + i, c), acc);
           }
-          const fVec u(bt[t] * (vr - at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, acc)));
+          const fVec u(bt[t] * (vr - hsum(acc)));
           fVec o(0.f);
           S* d = dst[t] >= 0 ? dstp + dst[t] * ds0 + hv * ds1 + r * ds2 : nullptr;
           for (int64_t i = 0; i < K; i += kVecF) {
@@ -105,7 +105,7 @@ void recurrent_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             if (d) vstore(d + i, h, c);
           }
           op[tok * out.stride(0) + hv * out.stride(1) + r * out.stride(2)] =
-              T(at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, o));
+              T(hsum(o));
         }
       }
     }

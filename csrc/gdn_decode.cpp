@@ -19,10 +19,6 @@ namespace {
 
 constexpr int64_t kMaxK = 256;
 
-inline float hsum(const fVec& v) {
-  return at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, v);
-}
-
 // With h = exp(g) S_r (row r decayed): u = beta (v_r - h.k), S_r <- h + u k, and
 // o_r = S_r.q = h.q + u (k.q). Both dots come from one pass over h (two independent
 // accumulator chains, no reduction between passes); the second pass only updates and stores.

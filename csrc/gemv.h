@@ -80,7 +80,7 @@ inline void dot_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int6
   for (int nb = 0; nb < NB; ++nb) {
     const W* wr = w + nb * ldw;
     for (int m = 0; m < M; ++m) {
-      float s = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc[nb][m]);
+      float s = hsum(acc[nb][m]);
       for (int64_t kk = k; kk < K; ++kk) s += x[m * ldx + kk] * static_cast<float>(wr[kk]);
       dots[nb][m] = s;
     }

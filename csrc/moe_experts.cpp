@@ -58,10 +58,6 @@ void for_each_item(int64_t n, const F& item) {
   });
 }
 
-inline float hsum(const fVec& v) {
-  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, v);
-}
-
 // dots[r][m] = x_m . panel row r over `steps` k-steps; x_m (steps * S floats) in W's dot layout.
 // M = 1 keeps two accumulator chains per row (even / odd half of a k-step): a lone token's
 // stream is then never latency bound.

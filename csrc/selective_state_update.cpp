@@ -16,10 +16,6 @@ constexpr int64_t kMaxTok = 16;   // tokens per sequence (1 + drafts)
 constexpr int64_t kMaxP = 256;    // headdim limit
 constexpr int64_t kMaxN = 256;    // dstate limit
 
-inline float hsum(const fVec& v) {
-  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, v);
-}
-
 // One state row through L tokens (general path: any dstate, per-element A):
 //   s = s * dA[t] + bx[t] * B[t];  y[t] = s . C[t];  row after token t -> dst[t] (if not null)
 // src: (N,) or null (zero state); B[t], C[t]: (N,) fp32; Arow: (N,) per-element A or null.

@@ -1,7 +1,8 @@
-"""moe_experts (packing + the packed C++ op) against its reference and against vLLM's own CPU MoE kernel: M = 1 .. 513 tokens,
-experts hit by no, one and many tokens, top-k 1 / 2 / 8, 8 to 256 experts, intermediate and
-hidden sizes off the vector width, the three activations, fp32 and bf16; a token's result does
-not depend on the other tokens in the call; bad inputs raise; opcheck."""
+"""moe_experts (packing + the packed C++ op) against its reference and against vLLM's own CPU
+MoE kernel: M = 1 .. 513 tokens, experts hit by no, one and many tokens, top-k 1 / 2 / 8, 8 to
+256 experts, intermediate and hidden sizes off the vector width, the three activations, fp32 and
+bf16; a token's result does not depend on the other tokens in the call; bad inputs raise;
+opcheck."""
 
 from __future__ import annotations
 
