@@ -71,6 +71,17 @@ inline void vstore(BFloat16* p, const fVec& v, int64_t cnt) {
   }
 }
 
+// v rounded to S's precision, as storing it to an S slot and loading it back gives (identity
+// for float). A recurrent state that plain decode stores in S after every token is rounded so
+// between the tokens of a speculative verification step too: both then compute bit for bit
+// the same state, and speculation cannot move a greedy token.
+template <typename S>
+inline fVec rounded(const fVec& v) { return v; }
+template <>
+inline fVec rounded<BFloat16>(const fVec& v) {
+  return std::get<0>(at::vec::convert_to_float<BFloat16>(at::vec::convert_from_float<BFloat16>(v, v)));
+}
+
 template <typename T>
 inline float tof(T v) { return static_cast<float>(v); }
 

@@ -100,7 +100,7 @@ void recurrent_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           for (int64_t i = 0; i < K; i += kVecF) {
             const int64_t c = std::min(kVecF, K - i);
             fVec h = at::vec::fmadd(u, fVec::loadu(kb[t] + i, c), fVec::loadu(row + i, c));
-            h.store(row + i, c);
+            rounded<S>(h).store(row + i, c);  // the next token starts from the state as stored
             o = at::vec::fmadd(h, fVec::loadu(qb[t] + i, c), o);
             if (d) vstore(d + i, h, c);
           }

@@ -39,6 +39,14 @@ TORCH_LIBRARY(vllm_hybrid_neuron, m) {
       "gdn_decode(Tensor(a!) qkv, Tensor a, Tensor b, Tensor(b!) conv_state, Tensor conv_weight, "
       "Tensor? conv_bias, bool silu, Tensor(c!) ssm_state, Tensor A_log, Tensor dt_bias, "
       "Tensor slots, int num_k_heads, int head_k_dim, float scale, Tensor(d!) out) -> ()");
+  // gdn_decode for a speculative verification step: qkv (tokens, ...) holds each sequence's
+  // 1 + drafts tokens (cu_seqlens); the state is read from slots[n, num_accepted[n] - 1] and the
+  // state after token t written to slots[n, t]; bit for bit the same as one gdn_decode per token.
+  m.def(
+      "gdn_spec_decode(Tensor(a!) qkv, Tensor a, Tensor b, Tensor(b!) conv_state, "
+      "Tensor conv_weight, Tensor? conv_bias, bool silu, Tensor(c!) ssm_state, Tensor A_log, "
+      "Tensor dt_bias, Tensor slots, Tensor num_accepted, Tensor cu_seqlens, int num_k_heads, "
+      "int head_k_dim, float scale, Tensor(d!) out) -> ()");
   // Chunked SSD (Mamba2) prefill; chunk_states: (nchunks, nheads, headdim, dstate) fp32.
   m.def(
       "ssd_chunk_scan(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "

@@ -34,6 +34,7 @@ inline void row_update(const S* src, S* const* dst, const float* const* B, const
       s = at::vec::fmadd(fVec::loadu(B[t] + n, cnt), fVec(bx[t]), s * da);
       acc[t] = at::vec::fmadd(s, fVec::loadu(C[t] + n, cnt), acc[t]);
       if (dst[t]) vstore(dst[t] + n, s, cnt);
+      s = rounded<S>(s);  // the next token starts from the state as stored
     }
   }
   for (int64_t t = 0; t < L; ++t) y[t] = hsum(acc[t]);
@@ -125,6 +126,7 @@ inline void spec_block(const S* src, S* const* dst, int64_t s2, const float* con
           for (int v = 0; v < NV; ++v) vstore(dr + v * kVecF, s[v], kVecF);
         }
       }
+      for (int v = 0; v < NV; ++v) s[v] = rounded<S>(s[v]);  // the next token starts from the state as stored
       y[t][p] = hsum(acc);
     }
   }

@@ -11,6 +11,8 @@ from vllm_hybrid_neuron.ops import (
     fused_sigmoid_gating_delta_rule_update,
     gdn_decode,
     gdn_decode_ref,
+    gdn_spec_decode,
+    gdn_spec_decode_ref,
 )
 
 SLOTS = 11
@@ -148,3 +150,84 @@ def test_opcheck(dtype):
         kw["qkv"].clone(), kw["a"], kw["b"], kw["conv_state"].clone(), kw["conv_weight"],
         kw["conv_bias"], True, kw["ssm_state"].clone(), kw["A_log"], kw["dt_bias"], kw["slots"],
         kw["num_k_heads"], kw["head_k_dim"], 64 ** -0.5, kw["out"]))
+
+
+# -- gdn_spec_decode: a verification step's 1 + drafts tokens per sequence -----------------
+
+def _spec_inputs(dtype, state_dtype, tokens, accepted, slot_rows, K=32, V=24, ratio=2):
+    """Sequences of ``tokens`` tokens; ``slot_rows``: each sequence's slot columns."""
+    T = sum(tokens)
+    kw = _inputs(dtype, state_dtype, batch=T, K=K, V=V, ratio=ratio, spec=3)
+    kw["slots"] = torch.tensor(slot_rows, dtype=torch.int32)  # (seqs, 4)
+    kw["num_accepted"] = torch.tensor(accepted, dtype=torch.int32)
+    kw["cu_seqlens"] = torch.tensor([0] + torch.tensor(tokens).cumsum(0).tolist(),
+                                    dtype=torch.int32)
+    return kw
+
+
+SPEC_CASES = {  # tokens, num_accepted, slot columns (0: null block)
+    "even": ([2, 2, 2], [1, 2, 1], [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 0, 0]]),
+    # sequence 0 reads column 2 and overwrites it (token 2), as vLLM's columns are reused
+    "ragged": ([4, 1, 3], [3, 1, 2], [[1, 2, 3, 4], [5, 6, 7, 8], [10, 9, 0, 0]]),
+    "null source": ([2, 3], [1, 2], [[0, 2, 3, 4], [5, 6, 7, 8]]),
+    "null last column": ([3, 1], [1, 1], [[1, 2, 0, 4], [5, 6, 7, 8]]),
+}
+
+
+def _run_spec(kw):
+    r, f = _clone(kw), _clone(kw)
+    gdn_spec_decode_ref(**r)
+    gdn_spec_decode(**f)
+    return r, f
+
+
+@pytest.mark.parametrize("case", SPEC_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_spec_fast_vs_ref(case, dtype, state_dtype):
+    kw = _spec_inputs(dtype, state_dtype, *SPEC_CASES[case])
+    r, f = _run_spec(kw)
+    assert_close(f["out"], r["out"], dtype, "out")
+    assert_close(f["conv_state"], r["conv_state"], dtype, "conv_state")
+    assert_close(f["ssm_state"], r["ssm_state"], state_dtype, "ssm_state")
+    if case == "null source":  # sequence 0 skipped: output zero, its slots untouched
+        assert torch.equal(f["out"][:2], torch.zeros_like(f["out"][:2]))
+        assert torch.equal(f["ssm_state"][[2, 3, 4]], kw["ssm_state"][[2, 3, 4]])
+    if case == "null last column":  # no state written for a token whose column is null
+        assert torch.equal(f["ssm_state"][0], kw["ssm_state"][0])
+
+
+@pytest.mark.parametrize("K,V", [(128, 16), (64, 33), (40, 7)])
+def test_spec_head_dims(K, V):
+    kw = _spec_inputs(torch.bfloat16, torch.bfloat16, *SPEC_CASES["ragged"], K=K, V=V)
+    r, f = _run_spec(kw)
+    assert_close(f["out"], r["out"], torch.bfloat16, "out")
+    assert_close(f["ssm_state"], r["ssm_state"], torch.bfloat16, "ssm_state")
+
+
+def test_spec_a_wrong_source_column_fails_the_check():
+    """The comparison can fail: the reference reading column 0 instead of num_accepted - 1."""
+    kw = _spec_inputs(torch.float32, torch.float32, *SPEC_CASES["ragged"])
+    r, f = _clone(kw), _clone(kw)
+    r["num_accepted"] = torch.ones_like(r["num_accepted"])
+    gdn_spec_decode_ref(**r)
+    gdn_spec_decode(**f)
+    with pytest.raises(AssertionError):
+        assert_close(f["out"], r["out"], torch.float32, "out")
+
+
+def test_spec_too_many_tokens_are_refused():
+    kw = _spec_inputs(torch.float32, torch.float32, [2, 2], [1, 1], [[1, 2], [3, 4]])
+    kw["cu_seqlens"] = torch.tensor([0, 3, 4], dtype=torch.int32)  # 3 tokens, 2 columns
+    with pytest.raises(RuntimeError, match="gdn_spec_decode: sequence 0 has 3 tokens"):
+        gdn_spec_decode(**kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spec_opcheck(dtype):
+    kw = _spec_inputs(dtype, torch.bfloat16, *SPEC_CASES["ragged"], K=64, V=16)
+    torch.library.opcheck(_library.ops.gdn_spec_decode, (
+        kw["qkv"].clone(), kw["a"], kw["b"], kw["conv_state"].clone(), kw["conv_weight"],
+        kw["conv_bias"], True, kw["ssm_state"].clone(), kw["A_log"], kw["dt_bias"], kw["slots"],
+        kw["num_accepted"], kw["cu_seqlens"], kw["num_k_heads"], kw["head_k_dim"], 64 ** -0.5,
+        kw["out"]))

@@ -16,7 +16,12 @@ from vllm_hybrid_neuron.ops.gated_delta_rule import (
     sigmoid_gating,
 )
 from vllm_hybrid_neuron.ops.bf16_linear import bf16_linear, bf16_linear_ref
-from vllm_hybrid_neuron.ops.gdn_decode import gdn_decode, gdn_decode_ref
+from vllm_hybrid_neuron.ops.gdn_decode import (
+    gdn_decode,
+    gdn_decode_ref,
+    gdn_spec_decode,
+    gdn_spec_decode_ref,
+)
 from vllm_hybrid_neuron.ops.mamba2_decode import mamba2_decode, mamba2_decode_ref
 from vllm_hybrid_neuron.ops.selective_state_update import (
     selective_state_update,
@@ -34,5 +39,6 @@ __all__ = [
     "chunk_gated_delta_rule", "chunk_gated_delta_rule_ref",
     "fused_recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule_ref",
     "fused_sigmoid_gating_delta_rule_update", "fused_sigmoid_gating_delta_rule_update_ref",
-    "sigmoid_gating", "gdn_decode", "gdn_decode_ref", "bf16_linear", "bf16_linear_ref",
+    "sigmoid_gating", "gdn_decode", "gdn_decode_ref", "gdn_spec_decode", "gdn_spec_decode_ref",
+    "bf16_linear", "bf16_linear_ref",
 ]

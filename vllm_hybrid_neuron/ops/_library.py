@@ -24,6 +24,7 @@ _OPS = (
     "selective_state_update",
     "mamba2_decode",
     "gdn_decode",
+    "gdn_spec_decode",
     "ssd_chunk_scan",
     "gdn_recurrent",
     "gdn_chunk",

@@ -83,6 +83,7 @@ def fused_recurrent_gated_delta_rule_ref(
             o_t, S_kv = recurrences.gated_delta_rule_step(qf[tok], kf[tok], vf[tok], gf[tok], bf[tok], S_kv)
             o[tok] = o_t.to(o.dtype)
             S = S_kv.transpose(-1, -2).to(final.dtype)                      # (HV, V, K)
+            S_kv = S.transpose(-1, -2).float()  # the next token starts from the state as stored
             if inplace_final_state:
                 dst = int(idx[n, t]) if idx is not None else n
                 if idx is None or dst > 0:

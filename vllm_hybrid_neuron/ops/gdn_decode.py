@@ -6,6 +6,11 @@ conv update of the packed ``[q | k | v]`` row (SiLU), the gates
 The C++ op streams each state row once (csrc/gdn_decode.cpp); the maths is exactly the two
 ops the layer ran before (``causal_conv1d_update`` + ``fused_sigmoid_gating_delta_rule_update``),
 so the reference composes their references.
+
+``gdn_spec_decode`` is the same step over a speculative verification step's 1 + drafts tokens
+per sequence, the state after each token to its own slot. It runs each token through the
+same arithmetic as ``gdn_decode`` on the state as plain decode would have stored it, so
+speculation reproduces plain decoding bit for bit (what keeps greedy tokens unmoved).
 """
 
 from __future__ import annotations
@@ -58,4 +63,45 @@ def gdn_decode(qkv, a, b, conv_state, conv_weight, conv_bias, ssm_state, A_log, 
     scale = head_k_dim ** -0.5 if scale is None else scale
     ops.gdn_decode(qkv, a, b, conv_state, conv_weight, conv_bias, _silu(activation), ssm_state,
                    A_log, dt_bias, slots, num_k_heads, head_k_dim, float(scale), out)
+    return out
+
+
+def gdn_spec_decode_ref(qkv, a, b, conv_state, conv_weight, conv_bias, ssm_state, A_log, dt_bias,
+                        slots, num_accepted, cu_seqlens, num_k_heads, head_k_dim, out,
+                        activation="silu", scale=None):
+    """Reference speculative verification step: ``gdn_decode_ref`` for 1 + drafts tokens per
+    sequence.
+
+    qkv: (tokens, 2*num_k_heads*head_k_dim + HV*V), sequence n's tokens at
+        cu_seqlens[n] .. cu_seqlens[n + 1]; overwritten with the conv output
+    a, b: (tokens, HV); out: (tokens, HV, V), written in place
+    slots: (seqs, 1 + drafts): the state is read from slots[n, num_accepted[n] - 1], the state
+        after token t is written to slots[n, t] (entries <= 0: not written; a sequence whose
+        source slot is <= 0 is skipped, output zero); num_accepted: (seqs,); cu_seqlens: (seqs + 1,)
+    Other arguments as ``gdn_decode_ref``. The state is rounded to ssm_state's dtype after every
+    token, as plain decode stores it.
+    """
+    tokens = qkv.shape[0]
+    causal_conv1d_update_ref(qkv, conv_state, conv_weight, conv_bias, activation, slots[:, 0],
+                             num_accepted_tokens=num_accepted, query_start_loc=cu_seqlens,
+                             max_query_len=slots.shape[1], null_block_id=0)
+    q, k, v = _split(qkv, num_k_heads, head_k_dim, out)
+    o, _ = fused_sigmoid_gating_delta_rule_update_ref(
+        A_log, a, b, dt_bias, q, k, v, scale=scale, initial_state=ssm_state,
+        inplace_final_state=True, cu_seqlens=cu_seqlens, ssm_state_indices=slots,
+        num_accepted_tokens=num_accepted, use_qk_l2norm_in_kernel=True)
+    out.copy_(o[0].reshape(tokens, *out.shape[1:]))
+    return out
+
+
+def gdn_spec_decode(qkv, a, b, conv_state, conv_weight, conv_bias, ssm_state, A_log, dt_bias,
+                    slots, num_accepted, cu_seqlens, num_k_heads, head_k_dim, out,
+                    activation="silu", scale=None):
+    """Speculative verification step (one C++ op). Same arguments and result as
+    ``gdn_spec_decode_ref``; bit for bit what one ``gdn_decode`` per token computes."""
+    require_c()
+    scale = head_k_dim ** -0.5 if scale is None else scale
+    ops.gdn_spec_decode(qkv, a, b, conv_state, conv_weight, conv_bias, _silu(activation),
+                        ssm_state, A_log, dt_bias, slots, num_accepted, cu_seqlens, num_k_heads,
+                        head_k_dim, float(scale), out)
     return out

@@ -87,6 +87,7 @@ def selective_state_update_ref(
             if z is not None:
                 y = y * F.silu(z[tok].float())
             out[tok] = y.to(out.dtype)
+            h = h.to(state.dtype).float()  # the next token starts from the state as stored
             if spec and valid:
                 dst = int(dsbi[b, t])
                 if dst != null_block_id and dst >= 0:

@@ -27,10 +27,9 @@ from vllm_hybrid_neuron.cpu.batch import DecodeRows, PrefillRows, SpecRows, put,
 from vllm_hybrid_neuron.cpu.layers.prefill_checkpoint import store_prefill_checkpoint
 from vllm_hybrid_neuron.ops import (
     causal_conv1d_fn,
-    causal_conv1d_update,
     chunk_gated_delta_rule,
-    fused_sigmoid_gating_delta_rule_update,
     gdn_decode,
+    gdn_spec_decode,
     sigmoid_gating,
 )
 
@@ -95,23 +94,15 @@ class PluginGatedDeltaNet(QwenGatedDeltaNetAttention):
     def _conv_weight(self) -> torch.Tensor:
         return vllm_seam.plain_conv_weight(self.conv1d)  # (dim, width)
 
-    def _recurrent(self, qkv, b, a, ssm_state, cu_seqlens, slots, num_accepted=None):
-        """Gating + gated delta rule, token by token, states read and written by slot."""
-        q, k, v = self.rearrange_mixed_qkv(qkv)  # (1, T, H, K), (1, T, H, K), (1, T, HV, V)
-        out, _ = fused_sigmoid_gating_delta_rule_update(
-            A_log=self.A_log, a=a, b=b, dt_bias=self.dt_bias, q=q, k=k, v=v,
-            initial_state=ssm_state, inplace_final_state=True, cu_seqlens=cu_seqlens,
-            ssm_state_indices=slots, num_accepted_tokens=num_accepted,
-            use_qk_l2norm_in_kernel=True)
-        return out[0]  # (T, HV, V)
-
     def _spec_decode(self, rows: SpecRows, qkv, b, a, conv_state, ssm_state):
-        qkv = causal_conv1d_update(
-            qkv, conv_state, self._conv_weight(), self.conv1d.bias, self.activation,
-            conv_state_indices=rows.slots[:, 0], num_accepted_tokens=rows.num_accepted,
-            query_start_loc=rows.cu_seqlens, max_query_len=rows.slots.size(-1))
-        return self._recurrent(qkv, b, a, ssm_state, rows.cu_seqlens, rows.slots,
-                               rows.num_accepted)
+        """1 + drafts tokens per row, the state after each to its own slot (``gdn_spec_decode``:
+        bit for bit what one ``_decode`` per token computes)."""
+        out = torch.empty(qkv.shape[0], self.num_v_heads // self.tp_size, self.head_v_dim,
+                          dtype=qkv.dtype, device=qkv.device)  # (T, HV, V)
+        return gdn_spec_decode(qkv, a, b, conv_state, self._conv_weight(), self.conv1d.bias,
+                               ssm_state, self.A_log, self.dt_bias, rows.slots, rows.num_accepted,
+                               rows.cu_seqlens, self.num_k_heads // self.tp_size,
+                               self.head_k_dim, out, activation=self.activation)
 
     def _decode(self, rows: DecodeRows, qkv, b, a, conv_state, ssm_state):
         """One token per row: conv update, gates and recurrence in one op (``gdn_decode``)."""
