@@ -245,6 +245,52 @@ def bench_gdn_decode(rows, reps, vops, vconv):
                                  bw_fraction=floor / ms, bw_gbs=bw))
 
 
+def bench_gdn_spec_decode(rows, reps, seqs=4, drafts=3):
+    """One GDN speculative verification step per layer (``seqs`` sequences of 1 + ``drafts``
+    tokens, the state after every token to its own slot): the plugin's fused op against the
+    plugin's previous two-op path (conv update, then torch-side gating + the recurrent kernel)."""
+    H, HV, K, Vd, W = (QWEN35[n] for n in ("H", "HV", "K", "V", "width"))
+    L, dim = 1 + drafts, 2 * H * K + HV * Vd
+    T = seqs * L
+    for state_dtype in (torch.float32, torch.bfloat16):
+        dtype = torch.bfloat16
+        qkv = torch.randn(T, dim, dtype=dtype)
+        a, b = torch.randn(T, HV, dtype=dtype), torch.randn(T, HV, dtype=dtype)
+        A_log, dt_bias = torch.randn(HV), torch.randn(HV)
+        st = torch.randn(1 + seqs * L, W - 1 + drafts, dim, dtype=dtype).transpose(1, 2)
+        w, cb = torch.randn(dim, W, dtype=dtype) * 0.3, torch.randn(dim, dtype=dtype)
+        pool = (torch.randn(1 + seqs * L, HV, Vd, K) * 0.05).to(state_dtype)
+        slots = torch.arange(1, 1 + seqs * L, dtype=torch.int32).view(seqs, L)
+        acc = torch.ones(seqs, dtype=torch.int32)
+        cu = torch.arange(0, T + 1, L, dtype=torch.int32)
+        out = torch.empty(T, HV, Vd, dtype=dtype)
+        fused = lambda: V.gdn_spec_decode(qkv.clone(), a, b, st, w, cb, pool, A_log, dt_bias,  # noqa
+                                          slots, acc, cu, H, K, out)
+
+        def two_ops():
+            x = V.causal_conv1d_update(qkv.clone(), st, w, cb, "silu",
+                                       conv_state_indices=slots[:, 0], num_accepted_tokens=acc,
+                                       query_start_loc=cu, max_query_len=L)
+            q, k, v = x.split([H * K, H * K, HV * Vd], dim=-1)
+            V.fused_sigmoid_gating_delta_rule_update(
+                A_log, a, b, dt_bias, q.reshape(1, T, H, K), k.reshape(1, T, H, K),
+                v.reshape(1, T, HV, Vd), initial_state=pool, cu_seqlens=cu,
+                ssm_state_indices=slots, num_accepted_tokens=acc, use_qk_l2norm_in_kernel=True)
+
+        sbytes = seqs * HV * Vd * K * pool.element_size()
+        for th in (1, 2):
+            torch.set_num_threads(th)
+            bw = inplace_bw_gbs(sbytes * 2)
+            floor = (1 + L) * sbytes / (bw * 1e6)  # read once, written after every token
+            case = (f"Qwen3.5-35B-A3B, {seqs} seqs x {L} tokens, bfloat16 act, "
+                    f"{str(state_dtype)[6:]} state")
+            for name, fn in (("gdn_spec_decode (fused)", fused),
+                             ("gdn_spec_decode, previous two-op path", two_ops)):
+                ms = median_ms(fn, reps)
+                rows.append(dict(op=name, threads=th, ours_ms=ms, vllm_ms=None, case=case,
+                                 speedup=None, floor_ms=floor, bw_fraction=floor / ms, bw_gbs=bw))
+
+
 def _try(fn):
     try:
         return fn()
@@ -271,7 +317,7 @@ def write(rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, shorter prefill")
-    ap.add_argument("--only", choices=["gdn_decode"], help="run one group (results printed, "
+    ap.add_argument("--only", choices=["gdn_decode", "gdn_spec_decode"], help="run one group (results printed, "
                     "not written)")
     args = ap.parse_args()
     reps = 5 if args.quick else 9
@@ -279,8 +325,11 @@ def main():
     torch.manual_seed(0)
     vops, vconv, vssm = vllm_ops()
     rows = []
-    if args.only == "gdn_decode":
-        bench_gdn_decode(rows, reps, vops, vconv)
+    if args.only:
+        if args.only == "gdn_decode":
+            bench_gdn_decode(rows, reps, vops, vconv)
+        else:
+            bench_gdn_spec_decode(rows, reps)
         for r in rows:
             print(r)
         return
@@ -289,6 +338,7 @@ def main():
     bench_ssd(rows, 5, vssm, T)
     bench_gdn(rows, 5, vops, T)
     bench_gdn_decode(rows, reps, vops, vconv)
+    bench_gdn_spec_decode(rows, reps)
     write(rows)
 
 

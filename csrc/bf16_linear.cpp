@@ -4,10 +4,11 @@
 // torch's linear, whose bf16 path is slow at every size on such CPUs (benchmarks/bench_linear.py:
 // at M = 4 rows it re-reads the weight per row, 19% of the read-bandwidth floor; at M = 1024
 // it runs at ~7 GFLOP/s). Three regimes, all with fp32 accumulation:
-//  - M <= 8 (decode): each thread streams its own contiguous block of weight rows once; for
-//    every vector of a row all M input rows are multiplied (x converted to fp32 once), NB rows
-//    at a time so each loaded x vector serves NB weight rows;
-//  - 8 < M <= kStreamRows: the same kernel over groups of 8 input rows;
+//  - M <= kStreamRows (decode, small batches, speculative verification): each thread streams
+//    its own contiguous block of weight rows once; NB weight rows at a time, every input row
+//    is multiplied with them (x converted to fp32 once), in register blocks of up to 4 input
+//    rows (above 4 rows the NB weight rows are re-read from L1 for each block), so each loaded
+//    weight vector serves up to 4 input rows and each input vector NB weight rows;
 //  - larger M (prefill): blocks of weight rows converted to fp32 and multiplied with fp32 GEMM
 //    (at::mm), so no full fp32 copy of the weight is ever held.
 // fp32 (or other) weights go to at::linear.
@@ -18,7 +19,7 @@
 namespace vhn {
 namespace {
 
-constexpr int64_t kMaxM = 8;
+constexpr int64_t kMaxM = 4;  // input rows per register block
 
 template <int M, int NB>
 void rows_block(const float* x, int64_t K, const BFloat16* w, int64_t n0, const float* bias,
@@ -43,23 +44,51 @@ void gemv_rows(const float* x, int64_t K, const BFloat16* w, int64_t N, const fl
 
 using GemvFn = void (*)(const float*, int64_t, const BFloat16*, int64_t, const float*, BFloat16*);
 constexpr GemvFn kGemv[kMaxM + 1] = {nullptr, gemv_rows<1>, gemv_rows<2>, gemv_rows<3>,
-                                     gemv_rows<4>, gemv_rows<5>, gemv_rows<6>, gemv_rows<7>,
-                                     gemv_rows<8>};
+                                     gemv_rows<4>};
+
+// Output rows [0, M) for weight rows n0 .. n0 + NB: the input rows in register blocks of
+// kMaxM (the last one M % kMaxM rows), each over the same NB weight rows, which the first
+// block brings into L1 and the others re-read from there.
+template <int NB>
+void row_groups(const float* x, int64_t M, int64_t K, const BFloat16* w, int64_t n0,
+                const float* bias, BFloat16* out, int64_t N) {
+  int64_t m0 = 0;
+  for (; m0 + kMaxM <= M; m0 += kMaxM)
+    rows_block<kMaxM, NB>(x + m0 * K, K, w, n0, bias, out + m0 * N, N);
+  switch (M - m0) {
+    case 1: rows_block<1, NB>(x + m0 * K, K, w, n0, bias, out + m0 * N, N); break;
+    case 2: rows_block<2, NB>(x + m0 * K, K, w, n0, bias, out + m0 * N, N); break;
+    case 3: rows_block<3, NB>(x + m0 * K, K, w, n0, bias, out + m0 * N, N); break;
+    default: break;
+  }
+}
+
+// kMaxM < M <= kStreamRows: the weight streamed from memory once for all M rows.
+void gemv_many(const float* x, int64_t M, int64_t K, const BFloat16* w, int64_t N,
+               const float* bias, BFloat16* out) {
+  constexpr int NB = rows_per_block<kMaxM>();
+  const int64_t blocks = N / NB;
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) row_groups<NB>(x, M, K, w, b * NB, bias, out, N);
+  });
+  for (int64_t n = blocks * NB; n < N; ++n) row_groups<1>(x, M, K, w, n, bias, out, N);
+}
 
 constexpr int64_t kStreamRows = 24;   // above this, blocked fp32 GEMM
 constexpr int64_t kGemmBlockBytes = 8 << 20;  // fp32 bytes of one converted weight block
 
-// out[:, n] for rows of x in groups of at most kMaxM, streaming the weight once per group.
+// out[:, n] for all rows of x, streaming the weight once.
 void streamed(const at::Tensor& x32, const at::Tensor& weight, const float* bias, at::Tensor& out) {
   const int64_t M = x32.size(0), K = x32.size(1), N = weight.size(0);
   std::vector<float> xd(M * K);  // x in the dot layout of bf16 weights
   for (int64_t m = 0; m < M; ++m)
     to_dot_layout<BFloat16>(x32.const_data_ptr<float>() + m * K, xd.data() + m * K, K);
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
-    const int64_t rows = std::min(kMaxM, M - m0);
-    kGemv[rows](xd.data() + m0 * K, K, weight.const_data_ptr<BFloat16>(), N,
-                bias, out.data_ptr<BFloat16>() + m0 * N);
-  }
+  const BFloat16* w = weight.const_data_ptr<BFloat16>();
+  BFloat16* o = out.data_ptr<BFloat16>();
+  if (M <= kMaxM)
+    kGemv[M](xd.data(), K, w, N, bias, o);
+  else
+    gemv_many(xd.data(), M, K, w, N, bias, o);
 }
 
 // out = x32 @ weight^T (+ bias) with weight-row blocks converted to fp32 one at a time.

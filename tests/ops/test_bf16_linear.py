@@ -1,5 +1,5 @@
-"""bf16_linear against its reference: M in each regime (streamed once, streamed per 8 rows,
-blocked fp32 GEMM) and at their edges, awkward K / N, bias on and off, 3-D inputs, fp32
+"""bf16_linear against its reference: M in each regime (streamed with all rows in register
+blocks of 4, blocked fp32 GEMM) and at their edges, batch independence (bitwise) up to 24 rows, awkward K / N, bias on and off, 3-D inputs, fp32
 weights (at::linear), opcheck."""
 
 from __future__ import annotations
@@ -72,3 +72,14 @@ def test_blocked_gemm_crosses_weight_blocks():
     x, w, b = _inputs(30, 1100, 4096, torch.bfloat16, True, seed=5)
     exact = torch.nn.functional.linear(x.float(), w.float(), b.float())
     torch.testing.assert_close(bf16_linear(x, w, b).float(), exact, atol=1e-3, rtol=2 ** -8)
+
+
+@pytest.mark.parametrize("N,K", [(129, 1536), (7, 40), (64, 17)], ids=lambda v: str(v))
+def test_rows_do_not_depend_on_the_batch(N, K):
+    """Up to 24 rows (decode batches, speculative verification) a row's result is bitwise the
+    same whichever rows share its call: a verification step's token gets the bits its plain
+    decode step would get."""
+    x, w, b = _inputs(24, N, K, torch.bfloat16, True, seed=5)
+    alone = torch.cat([bf16_linear(x[i:i + 1], w, b) for i in range(24)])
+    for M in (2, 3, 4, 5, 8, 11, 16, 24):
+        assert torch.equal(bf16_linear(x[:M], w, b), alone[:M]), M
