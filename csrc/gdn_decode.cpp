@@ -77,6 +77,8 @@ inline float one_row_any(S* s, const float* kb, const float* qb, int64_t K, floa
 // (carried in fp32, rounded to S), so it gives bit for bit what the t-th of L plain decode
 // steps gives. src: the row before token 0 (null: zeros); dst[t]: where the row after token t
 // goes (null: not stored); kb[t], qb[t]: K floats; o[t]: the row's output for token t.
+// (Bandwidth bound, not latency bound: the L per-token states written dominate; two rows per
+// pass measured no faster.)
 template <typename S>
 inline void row_tokens(const S* src, S* const* dst, int64_t L, const float (*kb)[kMaxK],
                        const float (*qb)[kMaxK], const float* kq, const float* eg,
@@ -167,44 +169,60 @@ template <typename T>
   return gt;
 }
 
+// What both recurrences read and write, as pointers and strides: qkv (tokens, 2*H*K + HV*V),
+// a, b (tokens, HV), A_log, dt_bias (HV,), the state (slots, HV, V, K), out (tokens, HV, V).
 template <typename T, typename S>
-void recurrence(const at::Tensor& qkv, const at::Tensor& a, const at::Tensor& b,
-                at::Tensor& ssm_state, const at::Tensor& A_log, const at::Tensor& dt_bias,
-                const at::Tensor& slots, int64_t H, int64_t K, double scale, at::Tensor& out) {
-  const int64_t batch = qkv.size(0), HV = out.size(1), V = out.size(2), ratio = HV / H;
-  const T* xp = qkv.const_data_ptr<T>();
-  const int64_t xs = qkv.stride(0);
-  S* sp = ssm_state.mutable_data_ptr<S>();
-  const int64_t s0 = ssm_state.stride(0), s1 = ssm_state.stride(1), s2 = ssm_state.stride(2);
-  T* op = out.mutable_data_ptr<T>();
-  const int64_t o0 = out.stride(0), o1 = out.stride(1);
-  const FAcc fa(a), fb(b), fA(A_log), fdb(dt_bias);
-  const int64_t as0 = a.stride(0), as1 = a.stride(1), bs0 = b.stride(0), bs1 = b.stride(1);
-  const int64_t As = A_log.stride(0), dbs = dt_bias.stride(0);
+struct Step {
+  const T* x;
+  S* state;
+  T* out;
+  FAcc fa, fb, fA, fdb;
+  int64_t xs, s0, s1, s2, o0, o1, as0, as1, bs0, bs1, As, dbs, H, K, HV, V, ratio;
+  float scale;
+  Step(const at::Tensor& qkv, const at::Tensor& a, const at::Tensor& b, at::Tensor& ssm_state,
+       const at::Tensor& A_log, const at::Tensor& dt_bias, int64_t H_, int64_t K_,
+       double scale_, at::Tensor& out_)
+      : x(qkv.const_data_ptr<T>()), state(ssm_state.mutable_data_ptr<S>()),
+        out(out_.mutable_data_ptr<T>()), fa(a), fb(b), fA(A_log), fdb(dt_bias),
+        xs(qkv.stride(0)), s0(ssm_state.stride(0)), s1(ssm_state.stride(1)),
+        s2(ssm_state.stride(2)), o0(out_.stride(0)), o1(out_.stride(1)), as0(a.stride(0)),
+        as1(a.stride(1)), bs0(b.stride(0)), bs1(b.stride(1)), As(A_log.stride(0)),
+        dbs(dt_bias.stride(0)), H(H_), K(K_), HV(out_.size(1)), V(out_.size(2)),
+        ratio(out_.size(1) / H_), scale(static_cast<float>(scale_)) {}
+  // Token tok's gates for value head hv; its normalised q (scaled) and k into qb, kb.
+  Gates inputs(int64_t tok, int64_t hv, float* qb, float* kb) const {
+    return token_inputs(x + tok * xs, H, K, hv / ratio, scale, fA(hv * As),
+                        fa(tok * as0 + hv * as1), fdb(hv * dbs), fb(tok * bs0 + hv * bs1), qb,
+                        kb);
+  }
+  const T* v(int64_t tok, int64_t hv) const { return x + tok * xs + 2 * H * K + hv * V; }
+  S* head_state(int64_t slot, int64_t hv) const { return state + slot * s0 + hv * s1; }
+  T* head_out(int64_t tok, int64_t hv) const { return out + tok * o0 + hv * o1; }
+};
+
+template <typename T, typename S>
+void recurrence(const Step<T, S>& st, const at::Tensor& slots, int64_t batch) {
+  const int64_t HV = st.HV, V = st.V, K = st.K;
   at::parallel_for(0, batch * HV, 1, [&](int64_t begin, int64_t end) {
     c10::InferenceMode guard;  // pool threads don't inherit vLLM's InferenceMode
     alignas(64) float qb[kMaxK], kb[kMaxK];
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t n = it / HV, hv = it % HV, hk = hv / ratio;
-      T* o = op + n * o0 + hv * o1;
+      const int64_t n = it / HV, hv = it % HV;
+      T* o = st.head_out(n, hv);
       const int64_t slot = geti(slots, n * slots.stride(0));
       if (slot <= 0) {
         for (int64_t r = 0; r < V; ++r) o[r] = T(0.f);
         continue;
       }
-      const T* row = xp + n * xs;
-      const Gates gt = token_inputs(row, H, K, hk, static_cast<float>(scale), fA(hv * As),
-                                    fa(n * as0 + hv * as1), fdb(hv * dbs),
-                                    fb(n * bs0 + hv * bs1), qb, kb);
-      const float eg = gt.eg, beta = gt.beta, kq = gt.kq;
-      const T* v = row + 2 * H * K + hv * V;
-      S* st = sp + slot * s0 + hv * s1;
+      const Gates gt = st.inputs(n, hv, qb, kb);
+      const T* v = st.v(n, hv);
+      S* s = st.head_state(slot, hv);
       if (K == 128 && 128 % kVecF == 0)
-        head_rows<128 / kVecF>(st, s2, kb, qb, kq, v, V, eg, beta, o);
+        head_rows<128 / kVecF>(s, st.s2, kb, qb, gt.kq, v, V, gt.eg, gt.beta, o);
       else if (K == 64 && 64 % kVecF == 0)
-        head_rows<64 / kVecF>(st, s2, kb, qb, kq, v, V, eg, beta, o);
+        head_rows<64 / kVecF>(s, st.s2, kb, qb, gt.kq, v, V, gt.eg, gt.beta, o);
       else
-        head_rows_any(st, s2, kb, qb, kq, K, v, V, eg, beta, o);
+        head_rows_any(s, st.s2, kb, qb, gt.kq, K, v, V, gt.eg, gt.beta, o);
     }
   });
 }
@@ -214,21 +232,9 @@ void recurrence(const at::Tensor& qkv, const at::Tensor& a, const at::Tensor& b,
 // its token t is written to slots[n, t] (<= 0: not stored). A sequence whose source slot is <= 0
 // is skipped (outputs zero), as plain decode skips it.
 template <typename T, typename S>
-void spec_recurrence(const at::Tensor& qkv, const at::Tensor& a, const at::Tensor& b,
-                     at::Tensor& ssm_state, const at::Tensor& A_log, const at::Tensor& dt_bias,
-                     const at::Tensor& slots, const at::Tensor& num_accepted,
-                     const at::Tensor& cu_seqlens, int64_t H, int64_t K, double scale,
-                     at::Tensor& out) {
-  const int64_t seqs = cu_seqlens.numel() - 1, HV = out.size(1), V = out.size(2), ratio = HV / H;
-  const T* xp = qkv.const_data_ptr<T>();
-  const int64_t xs = qkv.stride(0);
-  S* sp = ssm_state.mutable_data_ptr<S>();
-  const int64_t s0 = ssm_state.stride(0), s1 = ssm_state.stride(1), s2 = ssm_state.stride(2);
-  T* op = out.mutable_data_ptr<T>();
-  const int64_t o0 = out.stride(0), o1 = out.stride(1);
-  const FAcc fa(a), fb(b), fA(A_log), fdb(dt_bias);
-  const int64_t as0 = a.stride(0), as1 = a.stride(1), bs0 = b.stride(0), bs1 = b.stride(1);
-  const int64_t As = A_log.stride(0), dbs = dt_bias.stride(0);
+void spec_recurrence(const Step<T, S>& st, const at::Tensor& slots,
+                     const at::Tensor& num_accepted, const at::Tensor& cu_seqlens) {
+  const int64_t seqs = cu_seqlens.numel() - 1, HV = st.HV, V = st.V, K = st.K;
   const int64_t ss0 = slots.stride(0), ss1 = slots.stride(1);
   at::parallel_for(0, seqs * HV, 1, [&](int64_t begin, int64_t end) {
     c10::InferenceMode guard;  // pool threads don't inherit vLLM's InferenceMode
@@ -236,32 +242,30 @@ void spec_recurrence(const at::Tensor& qkv, const at::Tensor& a, const at::Tenso
     float eg[kMaxTok], beta[kMaxTok], kq[kMaxTok], vr[kMaxTok], o[kMaxTok];
     S* dst[kMaxTok];
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t n = it / HV, hv = it % HV, hk = hv / ratio;
+      const int64_t n = it / HV, hv = it % HV;
       const int64_t bos = geti(cu_seqlens, n), L = geti(cu_seqlens, n + 1) - bos;
       if (L <= 0) continue;
       const int64_t src = geti(slots, n * ss0 + (geti(num_accepted, n) - 1) * ss1);
       if (src <= 0) {
         for (int64_t t = 0; t < L; ++t)
-          for (int64_t r = 0; r < V; ++r) op[(bos + t) * o0 + hv * o1 + r] = T(0.f);
+          for (int64_t r = 0; r < V; ++r) st.head_out(bos + t, hv)[r] = T(0.f);
         continue;
       }
       for (int64_t t = 0; t < L; ++t) {
-        const int64_t tok = bos + t, d = geti(slots, n * ss0 + t * ss1);
-        const Gates gt = token_inputs(xp + tok * xs, H, K, hk, static_cast<float>(scale),
-                                      fA(hv * As), fa(tok * as0 + hv * as1), fdb(hv * dbs),
-                                      fb(tok * bs0 + hv * bs1), qb[t], kb[t]);
+        const Gates gt = st.inputs(bos + t, hv, qb[t], kb[t]);
         eg[t] = gt.eg, beta[t] = gt.beta, kq[t] = gt.kq;
-        dst[t] = d > 0 ? sp + d * s0 + hv * s1 : nullptr;
+        const int64_t d = geti(slots, n * ss0 + t * ss1);
+        dst[t] = d > 0 ? st.head_state(d, hv) : nullptr;
       }
-      const S* from = sp + src * s0 + hv * s1;
+      const S* from = st.head_state(src, hv);
       for (int64_t r = 0; r < V; ++r) {
         S* to[kMaxTok];
         for (int64_t t = 0; t < L; ++t) {
-          to[t] = dst[t] ? dst[t] + r * s2 : nullptr;
-          vr[t] = tof(xp[(bos + t) * xs + 2 * H * K + hv * V + r]);
+          to[t] = dst[t] ? dst[t] + r * st.s2 : nullptr;
+          vr[t] = tof(st.v(bos + t, hv)[r]);
         }
-        row_tokens(from + r * s2, to, L, kb, qb, kq, eg, beta, vr, K, o);
-        for (int64_t t = 0; t < L; ++t) op[(bos + t) * o0 + hv * o1 + r] = T(o[t]);
+        row_tokens(from + r * st.s2, to, L, kb, qb, kq, eg, beta, vr, K, o);
+        for (int64_t t = 0; t < L; ++t) st.head_out(bos + t, hv)[r] = T(o[t]);
       }
     }
   });
@@ -306,7 +310,8 @@ void gdn_decode(at::Tensor& qkv, const at::Tensor& a, const at::Tensor& b, at::T
                        c10::nullopt, 1, 0, x3);
   VHN_DISPATCH_FB(qkv.scalar_type(), T, [&] {
     VHN_DISPATCH_FB(ssm_state.scalar_type(), S, [&] {
-      recurrence<T, S>(qkv, a, b, ssm_state, A_log, dt_bias, slots, H, K, scale, out);
+      recurrence<T, S>(Step<T, S>(qkv, a, b, ssm_state, A_log, dt_bias, H, K, scale, out), slots,
+                       batch);
     });
   });
 }
@@ -339,8 +344,8 @@ void gdn_spec_decode(at::Tensor& qkv, const at::Tensor& a, const at::Tensor& b,
                        num_accepted, cu_seqlens, lmax, 0, x3);
   VHN_DISPATCH_FB(qkv.scalar_type(), T, [&] {
     VHN_DISPATCH_FB(ssm_state.scalar_type(), S, [&] {
-      spec_recurrence<T, S>(qkv, a, b, ssm_state, A_log, dt_bias, slots, num_accepted,
-                            cu_seqlens, H, K, scale, out);
+      spec_recurrence<T, S>(Step<T, S>(qkv, a, b, ssm_state, A_log, dt_bias, H, K, scale, out),
+                            slots, num_accepted, cu_seqlens);
     });
   });
 }

@@ -31,15 +31,26 @@ def _spec_slots(tokens: list[int]):
     return torch.tensor(SLOT[:n], dtype=torch.int32), torch.ones(n, dtype=torch.int32), cu
 
 
-def _sequential(step, tokens):
-    """Token t of every sequence that has one, as one plain decode step per t; step(t, rows)
-    -> outputs (rows, ...). Returns outputs in the spec layout (sum(tokens), ...)."""
-    outs = {}
+def _sequential(step, tokens, ssm):
+    """Token t of every sequence that has one, as one plain decode step per t:
+    step(tok, idx) decodes tokens ``tok`` on state slots ``idx`` (column 0 of each sequence's
+    slots) and returns their outputs. Returns the outputs in the spec layout (sum(tokens), ...)
+    and {(sequence, t): state after its token t}."""
+    outs, states = {}, {}
     for t in range(max(tokens)):
         rows = [s for s, n in enumerate(tokens) if n > t]
-        for s, o in zip(rows, step(t, rows)):
+        tok = torch.tensor([sum(tokens[:s]) + t for s in rows])
+        idx = torch.tensor([SLOT[s][0] for s in rows], dtype=torch.int32)
+        for s, o in zip(rows, step(tok, idx)):
             outs[sum(tokens[:s]) + t] = o
-    return torch.stack([outs[i] for i in range(sum(tokens))])
+            states[(s, t)] = ssm[SLOT[s][0]].clone()
+    return torch.stack([outs[i] for i in range(sum(tokens))]), states
+
+
+def _assert_bitwise_equal(spec_out, spec_states, decode_out, decode_states):
+    assert torch.equal(spec_out, decode_out), (spec_out.float() - decode_out.float()).abs().max()
+    for (s, t), state in decode_states.items():
+        assert torch.equal(spec_states[SLOT[s][t]], state), (s, t)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -75,22 +86,14 @@ def test_mamba2_spec_equals_decode_steps(impl, dtype, N, tokens):
 
     # Plain decode: one token per step, the state in place in column 0.
     conv, ssm = conv0.clone(), ssm0.clone()
-    states = {}
 
-    def step(t, rows):
-        tok = torch.tensor([sum(tokens[:s]) + t for s in rows])
-        idx = torch.tensor([SLOT[s][0] for s in rows], dtype=torch.int32)
-        out = torch.empty(len(rows), H, P, dtype=dtype)
+    def step(tok, idx):
+        out = torch.empty(len(tok), H, P, dtype=dtype)
         f["mamba2"](xbc_in[tok].clone(), dt_in[tok].clone(), conv, cw, cb, ssm, A, D, dtb, idx,
                     G, out)
-        for s in rows:
-            states[(s, t)] = ssm[SLOT[s][0]].clone()
         return out
 
-    decode_out = _sequential(step, tokens)
-    assert torch.equal(spec_out, decode_out), (spec_out.float() - decode_out.float()).abs().max()
-    for (s, t), state in states.items():
-        assert torch.equal(spec_states[SLOT[s][t]], state), (s, t)
+    _assert_bitwise_equal(spec_out, spec_states, *_sequential(step, tokens, ssm))
 
 
 # The served C++ ops only: the references' torch gating and l2 norms round some elements
@@ -121,19 +124,11 @@ def test_gdn_spec_equals_decode_steps(impl, dtype, state_dtype, tokens):
     spec_states = ssm
 
     conv, ssm = conv0.clone(), ssm0.clone()
-    states = {}
 
-    def step(t, rows):
-        tok = torch.tensor([sum(tokens[:s]) + t for s in rows])
-        idx = torch.tensor([SLOT[s][0] for s in rows], dtype=torch.int32)
-        out = torch.empty(len(rows), HV, V, dtype=dtype)
+    def step(tok, idx):
+        out = torch.empty(len(tok), HV, V, dtype=dtype)
         f["gdn"](qkv_in[tok].clone(), a_in[tok].clone(), b_in[tok].clone(), conv, cw, cb, ssm,
                  A_log, dtb, idx, Hk, K, out)
-        for s in rows:
-            states[(s, t)] = ssm[SLOT[s][0]].clone()
         return out
 
-    decode_out = _sequential(step, tokens)
-    assert torch.equal(spec_out, decode_out), (spec_out.float() - decode_out.float()).abs().max()
-    for (s, t), state in states.items():
-        assert torch.equal(spec_states[SLOT[s][t]], state), (s, t)
+    _assert_bitwise_equal(spec_out, spec_states, *_sequential(step, tokens, ssm))
