@@ -42,6 +42,10 @@ inline int64_t geti(const at::Tensor& t, int64_t offset) {
   TORCH_CHECK(false, "vllm_hybrid_neuron: index tensors must be int32/int64/bool");
 }
 
+// Tokens per sequence in one speculative verification step (1 + drafts) the recurrent kernels
+// take; their per-token buffers are sized by it.
+constexpr int64_t kMaxTok = 16;
+
 // Vector load of `cnt` (<= kVecF) elements converted to float; tail lanes are 0.
 inline fVec vload(const float* p, int64_t cnt) {
   return cnt == kVecF ? fVec::loadu(p) : fVec::loadu(p, cnt);

@@ -8,7 +8,6 @@
 namespace vhn {
 namespace {
 
-constexpr int64_t kMaxTok = 16;
 constexpr int64_t kMaxK = 256;
 
 // q, k of one token into float buffers, optional l2-normalised, q scaled.

@@ -18,7 +18,6 @@ namespace vhn {
 namespace {
 
 constexpr int64_t kMaxK = 256;
-constexpr int64_t kMaxTok = 16;  // tokens per sequence in one verification step (1 + drafts)
 
 // With h = exp(g) S_r (row r decayed): u = beta (v_r - h.k), S_r <- h + u k, and
 // o_r = S_r.q = h.q + u (k.q). Both dots come from one pass over h (two independent

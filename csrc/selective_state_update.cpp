@@ -12,7 +12,6 @@
 namespace vhn {
 namespace {
 
-constexpr int64_t kMaxTok = 16;   // tokens per sequence (1 + drafts)
 constexpr int64_t kMaxP = 256;    // headdim limit
 constexpr int64_t kMaxN = 256;    // dstate limit
 
