@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+SCOPE = "gpu_model_runner: "  # vLLM's profiler scopes (the CPU runner subclasses the GPU one)
 
 
 def main() -> None:
@@ -44,6 +45,9 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    # vLLM's model-runner phases (forward, sample, draft, ...) as profiler scopes: their
+    # call counts are the engine steps, their inclusive times where an engine step goes.
+    os.environ["VLLM_CUSTOM_SCOPES_FOR_PROFILING"] = "1"
     if args.native:
         os.environ["VLLM_PLUGINS"] = "none"
     import torch
@@ -78,15 +82,25 @@ def main() -> None:
     def profiled(n):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             wall = decode(n)
-        return wall, {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}
+        events = prof.key_averages()
+        return wall, ({e.key: (e.self_cpu_time_total, e.count) for e in events
+                       if not e.key.startswith(SCOPE)},
+                      {e.key[len(SCOPE):]: (e.cpu_time_total, e.count) for e in events
+                       if e.key.startswith(SCOPE)})
 
     # The prefill and first token run under the profiler alone, then with the decode steps;
     # each op's figures are the difference, so the prompts' prefill is not counted.
-    wall_one, ops_one = profiled(1)
-    wall_all, ops_all = profiled(args.steps + 1)
+    wall_one, (ops_one, scopes_one) = profiled(1)
+    wall_all, (ops_all, scopes_all) = profiled(args.steps + 1)
     wall = wall_all - wall_one
-    ops = {k: (us - ops_one.get(k, (0, 0))[0], n - ops_one.get(k, (0, 0))[1])
-           for k, (us, n) in ops_all.items()}
+
+    def minus(after, before):
+        return {k: (us - before.get(k, (0, 0))[0], n - before.get(k, (0, 0))[1])
+                for k, (us, n) in after.items()}
+
+    ops = minus(ops_all, ops_one)
+    scopes = minus(scopes_all, scopes_one)
+    engine_steps = scopes.get("forward", (0, 0))[1]
     counters = {m.name: m.value for m in llm.get_metrics()
                 if m.name.startswith("vllm:spec_decode_num_") and hasattr(m, "value")}
     inside_us = sum(us for us, _ in ops.values())
@@ -111,6 +125,13 @@ def main() -> None:
     result["step_ms"] = (plain - one) / args.steps * 1e3
     result["ms_per_token"] = (plain - one) / tokens * 1e3
     result["outside_ops_ms_per_token"] = (wall - inside_us / 1e6) / tokens * 1e3
+    # Engine steps (model forwards) and each model-runner phase's inclusive time per step:
+    # a speculative run's verification steps are fewer than its output positions.
+    result["engine_steps"] = engine_steps
+    result["output_tokens_per_engine_step"] = tokens / max(engine_steps, 1)
+    result["engine_step_ms_profiled"] = wall / max(engine_steps, 1) * 1e3
+    result["phase_ms_per_engine_step"] = {
+        k: us / 1e3 / max(engine_steps, 1) for k, (us, _) in sorted(scopes.items())}
     RESULTS.mkdir(exist_ok=True)
     spec_tag = f"-ngram{args.spec_drafts}" if args.spec_drafts else ""
     name = (f"step-overhead-{args.family}-{result['path']}-{result['mode']}-b{args.batch}"
@@ -120,6 +141,9 @@ def main() -> None:
           f"{result['step_ms']:.1f} ms unprofiled ({step_ms:.1f} profiled), "
           f"{result['ms_per_token']:.2f} ms per output token; outside ops "
           f"{result['outside_ops_fraction']:.0%} of the profiled run; spec {counters}")
+    print(f"  {engine_steps} engine steps, {result['output_tokens_per_engine_step']:.2f} output "
+          f"tokens each, {result['engine_step_ms_profiled']:.1f} ms each (profiled): " + ", ".join(
+              f"{k} {v:.1f} ms" for k, v in result["phase_ms_per_engine_step"].items()))
     for t in result["top_ops"]:
         print(f"  {t['self_ms_per_token']:8.3f} ms/token {t['calls_per_step']:7.1f} calls/step  "
               f"{t['name']}")

@@ -4,7 +4,8 @@
 
 REQUEST: {"model": DIR, "dtype": "float32", "prompts": [[ids...], ...],
           "max_tokens": 32, "llm_kwargs": {...}, "rounds": 1, "logprobs": false,
-          "later_rounds": [[[ids...], ...], ...]}   (optional: other prompts per round)
+          "later_rounds": [[[ids...], ...], ...],   (optional: other prompts per round)
+          "round_max_tokens": [n, ...]}   (optional: max_tokens of each round)
          A prompt may also be {"source": [ids...], "blocks": 2.5, "plus": 0, "suffix": [ids]}:
          source[:int(blocks * B) + plus] + suffix, B the KV cache block size the engine chose.
 RESULT:  {"served_classes": [...], "plugin_op_counts": [{...}], "startup_s": ...,
@@ -65,17 +66,25 @@ def run(request: dict) -> dict:
     llm = LLM(**kwargs)
     startup = time.perf_counter() - started
     want_logprobs = request.get("logprobs", False)
-    params = SamplingParams(max_tokens=request.get("max_tokens", 32), temperature=0.0,
-                            ignore_eos=True, logprobs=0 if want_logprobs else None)
+
+    def params(max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                              logprobs=0 if want_logprobs else None)
+
     block_size = llm.llm_engine.vllm_config.cache_config.block_size
     batches = [request["prompts"]] * request.get("rounds", 1)
     batches += request.get("later_rounds", [])
     batches = [[_resolve(p, block_size) for p in batch] for batch in batches]
+    max_tokens = request.get("round_max_tokens",
+                             [request.get("max_tokens", 32)] * len(batches))
+    if len(max_tokens) != len(batches):
+        raise ValueError(f"round_max_tokens has {len(max_tokens)} entries for "
+                         f"{len(batches)} rounds")
     rounds = []
-    for batch in batches:
+    for batch, n in zip(batches, max_tokens):
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in batch]
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
+        outs = llm.generate(prompts, params(n), use_tqdm=False)
         rounds.append({
             "outputs": [list(o.outputs[0].token_ids) for o in outs],
             "cached_tokens": [o.num_cached_tokens or 0 for o in outs],
