@@ -8,24 +8,75 @@
 //    its own contiguous block of weight rows once; NB weight rows at a time, every input row
 //    is multiplied with them (x converted to fp32 once), in register blocks of up to 4 input
 //    rows (above 4 rows the NB weight rows are re-read from L1 for each block), so each loaded
-//    weight vector serves up to 4 input rows and each input vector NB weight rows;
+//    weight vector serves up to 4 input rows and each input vector NB weight rows. One fp32
+//    vector of each weight row per k-step (kVecF bf16 widened in natural order): a 4 x 3 block
+//    is 12 accumulators + 3 weight vectors + 1 input vector, the 16 AVX2 registers, and ran
+//    1.6-2x the FMA rate of the two-vectors-per-row (even / odd) 4 x 2 block it replaced
+//    (in-cache microbenchmark, Zen 3);
 //  - larger M (prefill): blocks of weight rows converted to fp32 and multiplied with fp32 GEMM
 //    (at::mm), so no full fp32 copy of the weight is ever held.
 // fp32 (or other) weights go to at::linear.
-#include "gemv.h"
+#include "common.h"
 
-#include <vector>
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 namespace vhn {
 namespace {
 
 constexpr int64_t kMaxM = 4;  // input rows per register block
 
+// kVecF bf16 weights widened to one fp32 vector, in natural order.
+inline fVec load_widened(const BFloat16* w) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return fVec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return fVec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
+#else
+  alignas(64) float tmp[kVecF];
+  for (int64_t i = 0; i < kVecF; ++i) tmp[i] = static_cast<float>(w[i]);
+  return fVec::loadu(tmp);
+#endif
+}
+
+// dots[nb][m] = sum_k x[m * K + k] * w[nb * K + k]: lane j of one accumulator sums elements
+// j, j + kVecF, ... of the full k-steps, then the lanes are summed and the tail added in order.
+// The order depends only on K, so a row's result does not depend on M, NB or the batch.
+template <int M, int NB>
+inline void dot_rows(const float* x, int64_t K, const BFloat16* w, float dots[NB][M]) {
+  fVec acc[NB][M];
+  for (int nb = 0; nb < NB; ++nb)
+    for (int m = 0; m < M; ++m) acc[nb][m] = fVec(0.f);
+  int64_t k = 0;
+  for (; k + kVecF <= K; k += kVecF) {
+    fVec wv[NB];  // this k-step of NB weight rows, fp32
+    for (int nb = 0; nb < NB; ++nb) wv[nb] = load_widened(w + nb * K + k);
+    for (int m = 0; m < M; ++m) {
+      const fVec xv = fVec::loadu(x + m * K + k);
+      for (int nb = 0; nb < NB; ++nb) acc[nb][m] = at::vec::fmadd(xv, wv[nb], acc[nb][m]);
+    }
+  }
+  for (int nb = 0; nb < NB; ++nb)
+    for (int m = 0; m < M; ++m) {
+      float s = hsum(acc[nb][m]);
+      for (int64_t kk = k; kk < K; ++kk) s += x[m * K + kk] * static_cast<float>(w[nb * K + kk]);
+      dots[nb][m] = s;
+    }
+}
+
+// Weight rows per block for M input rows: M * NB accumulators + NB weight vectors + 1 input
+// vector within 16 AVX2 registers (measured best per M in the same microbenchmark).
+template <int M>
+constexpr int rows_per_block() { return M == 1 ? 4 : (M == 2 ? 4 : 3); }
+
 template <int M, int NB>
 void rows_block(const float* x, int64_t K, const BFloat16* w, int64_t n0, const float* bias,
                 BFloat16* out, int64_t N) {
   float dots[NB][M];
-  dot_block<M, NB>(x, K, w + n0 * K, K, K, dots);
+  dot_rows<M, NB>(x, K, w + n0 * K, dots);
   for (int nb = 0; nb < NB; ++nb)
     for (int m = 0; m < M; ++m)
       out[m * N + n0 + nb] = BFloat16(bias ? dots[nb][m] + bias[n0 + nb] : dots[nb][m]);
@@ -80,15 +131,13 @@ constexpr int64_t kGemmBlockBytes = 8 << 20;  // fp32 bytes of one converted wei
 // out[:, n] for all rows of x, streaming the weight once.
 void streamed(const at::Tensor& x32, const at::Tensor& weight, const float* bias, at::Tensor& out) {
   const int64_t M = x32.size(0), K = x32.size(1), N = weight.size(0);
-  std::vector<float> xd(M * K);  // x in the dot layout of bf16 weights
-  for (int64_t m = 0; m < M; ++m)
-    to_dot_layout<BFloat16>(x32.const_data_ptr<float>() + m * K, xd.data() + m * K, K);
+  const float* xd = x32.const_data_ptr<float>();  // (M, K) fp32, contiguous
   const BFloat16* w = weight.const_data_ptr<BFloat16>();
   BFloat16* o = out.data_ptr<BFloat16>();
   if (M <= kMaxM)
-    kGemv[M](xd.data(), K, w, N, bias, o);
+    kGemv[M](xd, K, w, N, bias, o);
   else
-    gemv_many(xd.data(), M, K, w, N, bias, o);
+    gemv_many(xd, M, K, w, N, bias, o);
 }
 
 // out = x32 @ weight^T (+ bias) with weight-row blocks converted to fp32 one at a time.
@@ -121,7 +170,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight,
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   at::Tensor out = at::empty({M, N}, x.options());
-  if (M <= kStreamRows && K >= bVec::size())
+  if (M <= kStreamRows && K >= kVecF)
     streamed(x32, w, b32.defined() ? b32.const_data_ptr<float>() : nullptr, out);
   else
     blocked_fp32_gemm(x32, w, b32, out);
