@@ -1,5 +1,5 @@
 """bf16_linear against its reference: M in each regime (streamed with all rows in register
-blocks of 4, blocked fp32 GEMM) and at their edges, batch independence (bitwise) up to 24 rows, awkward K / N, bias on and off, 3-D inputs, fp32
+blocks of 4, blocked fp32 GEMM) and at their edges, batch independence (bitwise) up to 64 rows (STREAM_ROWS), awkward K / N, bias on and off, 3-D inputs, fp32
 weights (at::linear), opcheck."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch
 
 from _helpers import assert_close
 from vllm_hybrid_neuron.ops import bf16_linear, bf16_linear_ref
+from vllm_hybrid_neuron.ops.bf16_linear import STREAM_ROWS
 
 
 def _inputs(M, N, K, dtype, bias, seed=0):
@@ -19,7 +20,7 @@ def _inputs(M, N, K, dtype, bias, seed=0):
     return x, w, b
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 9, 17, 24, 25, 70])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 9, 17, 24, 25, 64, 65, 70])
 @pytest.mark.parametrize("N,K", [(1, 16), (7, 40), (129, 1536), (1536, 3072), (64, 17)],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -79,10 +80,10 @@ def test_blocked_gemm_crosses_weight_blocks():
 @pytest.mark.parametrize("N,K", [(1000, 384), (2048, 1536), (7, 40), (64, 17)],
                          ids=lambda v: str(v))
 def test_rows_do_not_depend_on_the_batch(N, K):
-    """Up to 24 rows (decode batches, speculative verification) a row's result is bitwise the
-    same whichever rows share its call: a verification step's token gets the bits its plain
-    decode step would get."""
-    x, w, b = _inputs(24, N, K, torch.bfloat16, True, seed=5)
-    alone = torch.cat([bf16_linear(x[i:i + 1], w, b) for i in range(24)])
-    for M in (2, 3, 4, 5, 8, 11, 16, 24):
+    """Up to STREAM_ROWS rows (decode batches, speculative verification, short prefills) a
+    row's result is bitwise the same whichever rows share its call: a verification step's
+    token gets the bits its plain decode step would get."""
+    x, w, b = _inputs(STREAM_ROWS, N, K, torch.bfloat16, True, seed=5)
+    alone = torch.cat([bf16_linear(x[i:i + 1], w, b) for i in range(STREAM_ROWS)])
+    for M in (2, 3, 4, 5, 8, 11, 16, 24, 25, 40, STREAM_ROWS):
         assert torch.equal(bf16_linear(x[:M], w, b), alone[:M]), M

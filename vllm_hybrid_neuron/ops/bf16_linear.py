@@ -3,7 +3,7 @@
 vLLM's CPU linear layers call oneDNN; where oneDNN cannot build a bf16 matmul (CPUs without
 AVX512-BF16) vLLM falls back to torch's linear, whose bf16 path is slow at every batch size
 there (it re-reads the weight per row at decode sizes; ~7 GFLOP/s at prefill sizes).
-``bf16_linear`` streams the weight once for up to 24 rows and uses fp32 GEMM on
+``bf16_linear`` streams the weight once for up to 64 rows and uses fp32 GEMM on
 weight blocks converted on the fly at prefill sizes (``csrc/bf16_linear.cpp``); other dtypes
 go to ``at::linear``. fp32 accumulation throughout, one rounding of the result.
 """
@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from vllm_hybrid_neuron.ops._library import ops, require_c
 
-STREAM_ROWS = 24  # up to this many rows the C++ op streams the weight (once)
+STREAM_ROWS = 64  # up to this many rows the C++ op streams the weight (once)
 
 
 def bf16_linear_ref(x: torch.Tensor, weight: torch.Tensor,
