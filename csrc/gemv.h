@@ -1,8 +1,5 @@
-// Small-M matrix-vector blocks shared by bf16_linear and moe_experts: M fp32 input rows (in the
-// weight type's dot layout, below) against NB weight rows (bf16 or fp32), fp32 accumulation. Each weight vector is loaded (and converted)
-// once and used by all M input rows; each input vector once and used by all NB weight rows.
-// The accumulation order of one (input row, weight row) pair depends only on K, never on M or
-// NB, so a token's result does not depend on which other tokens share its call.
+// The dot layout and weight loads of moe_experts' panel kernel: fp32 input rows stored in the
+// order a bf16 k-step widens to (below), bf16 or fp32 weights, fp32 accumulation.
 #pragma once
 
 #include "common.h"
@@ -60,36 +57,23 @@ inline std::tuple<fVec, fVec> load_pair(const float* w) {
   return {fVec::loadu(w), fVec::loadu(w + kVecF)};
 }
 
-// dots[nb][m] = sum_k x[m * ldx + k] * w[nb * ldw + k], k < K, with x in W's dot layout.
-template <int M, int NB, typename W>
-inline void dot_block(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K,
-                      float dots[NB][M]) {
-  fVec acc[NB][M];
-  for (int nb = 0; nb < NB; ++nb)
-    for (int m = 0; m < M; ++m) acc[nb][m] = fVec(0.f);
-  int64_t k = 0;
-  for (; k + kDotStep <= K; k += kDotStep) {
-    fVec w0[NB], w1[NB];  // this k-slice of NB weight rows, in fp32
-    for (int nb = 0; nb < NB; ++nb) std::tie(w0[nb], w1[nb]) = load_pair(w + nb * ldw + k);
-    for (int m = 0; m < M; ++m) {
-      const fVec x0 = fVec::loadu(x + m * ldx + k), x1 = fVec::loadu(x + m * ldx + k + kVecF);
-      for (int nb = 0; nb < NB; ++nb)
-        acc[nb][m] = at::vec::fmadd(x1, w1[nb], at::vec::fmadd(x0, w0[nb], acc[nb][m]));
-    }
-  }
-  for (int nb = 0; nb < NB; ++nb) {
-    const W* wr = w + nb * ldw;
-    for (int m = 0; m < M; ++m) {
-      float s = hsum(acc[nb][m]);
-      for (int64_t kk = k; kk < K; ++kk) s += x[m * ldx + kk] * static_cast<float>(wr[kk]);
-      dots[nb][m] = s;
-    }
-  }
+// Half H of load_pair(w) alone: H = 0 the even-indexed (bf16) / first kVecF (fp32) elements
+// of the k-step, H = 1 the odd-indexed / second.
+template <int H>
+inline fVec load_half(const BFloat16* w) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(w));
+  return fVec(_mm512_castsi512_ps(H == 0 ? _mm512_slli_epi32(v, 16)
+                                         : _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF0000))));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return fVec(_mm256_castsi256_ps(H == 0 ? _mm256_slli_epi32(v, 16)
+                                         : _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF0000))));
+#else
+  return std::get<H>(load_pair(w));
+#endif
 }
-
-// Weight rows per block for M input rows: NB*M accumulators + 2*NB weight vectors + 2 input
-// vectors fit 16 AVX2 registers.
-template <int M>
-constexpr int rows_per_block() { return M == 1 ? 4 : (M == 2 ? 3 : (M <= 4 ? 2 : 1)); }
+template <int H>
+inline fVec load_half(const float* w) { return fVec::loadu(w + H * kVecF); }
 
 }  // namespace vhn

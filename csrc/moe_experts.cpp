@@ -59,36 +59,36 @@ void for_each_item(int64_t n, const F& item) {
 }
 
 // dots[r][m] = x_m . panel row r over `steps` k-steps; x_m (steps * S floats) in W's dot layout.
-// M = 1 keeps two accumulator chains per row (even / odd half of a k-step): a lone token's
-// stream is then never latency bound.
+// Each k-step is two halves (load_half: the even / odd elements of a bf16 k-step); per half the
+// M tokens' x vectors are loaded once and each weight row's vector serves all M of them: a
+// 4-row x 3-token block is 12 accumulators + 3 x vectors + 1 weight vector (the 16 AVX2
+// registers), 7 loads per 12 FMAs. Until 2026-12-07 x was reloaded for every weight row (up to
+// 28 loads per 24 FMAs) and M = 1 kept a second accumulator chain, which made a token's fp32
+// result depend on how many tokens shared its expert. One chain per (row, token) now, summed
+// even half then odd half, k-step by k-step, at every M.
 template <int M, typename W>
 inline void panel_dot(const float* const* x, const W* panel, int64_t steps,
                       float dots[kPanelRows][M]) {
-  constexpr int C = M == 1 ? 2 : 1;  // accumulator chains per (row, token)
-  fVec acc[C][kPanelRows][M];
-  for (int c = 0; c < C; ++c)
-    for (int r = 0; r < kPanelRows; ++r)
-      for (int m = 0; m < M; ++m) acc[c][r][m] = fVec(0.f);
+  fVec acc[kPanelRows][M];
+  for (int r = 0; r < kPanelRows; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = fVec(0.f);
   for (int64_t s = 0; s < steps; ++s) {
     const W* ps = panel + s * kPanelRows * kDotStep;
     const int64_t k = s * kDotStep;
+    fVec xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = fVec::loadu(x[m] + k);  // even half
     for (int r = 0; r < kPanelRows; ++r) {
-      fVec w0, w1;
-      std::tie(w0, w1) = load_pair(ps + r * kDotStep);
-      for (int m = 0; m < M; ++m) {
-        const fVec x0 = fVec::loadu(x[m] + k), x1 = fVec::loadu(x[m] + k + kVecF);
-        if (C == 2) {
-          acc[0][r][m] = at::vec::fmadd(x0, w0, acc[0][r][m]);
-          acc[C - 1][r][m] = at::vec::fmadd(x1, w1, acc[C - 1][r][m]);
-        } else {
-          acc[0][r][m] = at::vec::fmadd(x1, w1, at::vec::fmadd(x0, w0, acc[0][r][m]));
-        }
-      }
+      const fVec wv = load_half<0>(ps + r * kDotStep);
+      for (int m = 0; m < M; ++m) acc[r][m] = at::vec::fmadd(xv[m], wv, acc[r][m]);
+    }
+    for (int m = 0; m < M; ++m) xv[m] = fVec::loadu(x[m] + k + kVecF);  // odd half
+    for (int r = 0; r < kPanelRows; ++r) {
+      const fVec wv = load_half<1>(ps + r * kDotStep);
+      for (int m = 0; m < M; ++m) acc[r][m] = at::vec::fmadd(xv[m], wv, acc[r][m]);
     }
   }
   for (int r = 0; r < kPanelRows; ++r)
-    for (int m = 0; m < M; ++m)
-      dots[r][m] = hsum(C == 2 ? acc[0][r][m] + acc[C - 1][r][m] : acc[0][r][m]);
+    for (int m = 0; m < M; ++m) dots[r][m] = hsum(acc[r][m]);
 }
 
 // For each group of up to kTokenGroup of the `rows` inputs xs[0 .. rows): emit(row, dots).
