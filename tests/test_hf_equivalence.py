@@ -17,23 +17,24 @@ import torch
 
 from helpers import check_logprobs, prompt_ids, run_vllm
 
-# Granite and Qwen3.5 causal checkpoints on vLLM's experts kernel are test_cpu_backend.py's
-# baselines. "multimodal": the *ForConditionalGeneration checkpoint users have (nested
-# text_config, vision / audio tower weights), served text-only (--language-model-only).
+# Granite and Qwen3.5 causal checkpoints on the default experts kernel (the plugin's op) are
+# test_cpu_backend.py's baselines; "vllm" rows keep vLLM's kernel covered. "multimodal": the
+# *ForConditionalGeneration checkpoint users have (nested text_config, vision / audio tower
+# weights), served text-only (--language-model-only).
 M = "vllm_hybrid_neuron.cpu.models."
 PARAMS = [  # family, dtype, MoE kernel, checkpoint, the class vLLM serves
-    ("granite", "float32", "plugin", "causal", M + "granite_moe_hybrid:GraniteMoeHybridForCausalLM"),
+    ("granite", "float32", "vllm", "causal", M + "granite_moe_hybrid:GraniteMoeHybridForCausalLM"),
     ("qwen3_5", "bfloat16", "plugin", "multimodal",
      M + "qwen3_5_moe:Qwen3_5MoeForConditionalGeneration"),
     ("gemma4", "float32", "auto", "causal", M + "gemma4:Gemma4ForCausalLM"),
     ("gemma4", "float32", "plugin", "multimodal", M + "gemma4:Gemma4ForConditionalGeneration"),
-    ("gemma4", "bfloat16", "auto", "causal", M + "gemma4:Gemma4ForCausalLM"),
+    ("gemma4", "bfloat16", "vllm", "causal", M + "gemma4:Gemma4ForCausalLM"),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,dtype,moe,checkpoint,served_class", PARAMS,
-                         ids=[f"{f}-{d}-{'plugin' if m == 'plugin' else 'vllm'}-moe-{c}"
+                         ids=[f"{f}-{d}-{'vllm' if m == 'vllm' else 'plugin'}-moe-{c}"
                               for f, d, m, c, _ in PARAMS])
 def test_matches_transformers(tiny_model_dir, family, dtype, moe, checkpoint, served_class):
     multimodal = checkpoint == "multimodal"
@@ -48,13 +49,13 @@ def test_matches_transformers(tiny_model_dir, family, dtype, moe, checkpoint, se
                       env={"VLLM_HYBRID_NEURON_MOE": moe})
     assert result["served_classes"] == [served_class]
     assert "vllm-hybrid-neuron" in result["log"] and "backend=cpu" in result["log"]
-    # The routed experts run where chosen: vLLM's kernel by default, the plugin's op on request
-    # wherever vLLM would run its portable kernel; on AMX CPUs vLLM's bf16 experts use its AMX
-    # grouped GEMM, which the plugin keeps (and says so).
+    # The routed experts run where chosen: the plugin's op by default ("auto") or on request,
+    # wherever vLLM would run its portable kernel; vLLM's with "vllm"; on AMX CPUs vLLM's bf16
+    # experts use its AMX grouped GEMM, which the plugin keeps (and says so).
     amx_experts = dtype == "bfloat16" and torch.cpu._is_amx_tile_supported()
     uses_op = result["plugin_op_counts"][0].get("moe_experts", 0) > 0
-    assert uses_op == (moe == "plugin" and not amx_experts)
-    if moe == "plugin" and amx_experts:
+    assert uses_op == (moe != "vllm" and not amx_experts)
+    if moe != "vllm" and amx_experts:
         assert "vLLM's kernel kept for X86CPUUnquantizedExperts" in result["log"]
 
     outputs, logprobs = result["rounds"][0]["outputs"], result["rounds"][0]["logprobs"]

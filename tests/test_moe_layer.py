@@ -1,5 +1,6 @@
-"""Which kernel the routed MoE experts get: VLLM_HYBRID_NEURON_MOE is validated and only
-"plugin" swaps vLLM's experts class (end to end: test_hf_equivalence.py, both kernels)."""
+"""Which kernel the routed MoE experts get: VLLM_HYBRID_NEURON_MOE is validated; "vllm" keeps
+vLLM's experts class, "auto" (default) and "plugin" swap it (end to end: test_hf_equivalence.py
+and test_cpu_backend.py, both kernels)."""
 
 import pytest
 from torch import nn
@@ -12,12 +13,11 @@ def test_env_choice(monkeypatch):
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
     assert issubclass(PluginCPUExperts, CPUUnquantizedExperts)
-    for value in ["auto", "vllm", "", " VLLM "]:
+    for value, expected in [("auto", "auto"), ("", "auto"), (" VLLM ", "vllm"),
+                            ("plugin", "plugin")]:
         monkeypatch.setenv(envs.MOE_ENV, value)
-        assert envs.moe_kernel() in ("auto", "vllm")
-        assert use_plugin_moe(nn.Linear(2, 2)) == 0
-    monkeypatch.setenv(envs.MOE_ENV, "plugin")
-    assert use_plugin_moe(nn.Linear(2, 2)) == 0  # no MoE layer to swap
+        assert envs.moe_kernel() == expected
+        assert use_plugin_moe(nn.Linear(2, 2)) == 0  # no MoE layer to swap
     monkeypatch.setenv(envs.MOE_ENV, "fastest")
     with pytest.raises(ValueError, match=envs.MOE_ENV):
         use_plugin_moe(nn.Linear(2, 2))

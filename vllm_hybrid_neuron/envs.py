@@ -14,10 +14,10 @@ BACKEND_CHOICES = ("auto", "cpu", "neuron")
 GDN_PREFILL_ENV = "VLLM_HYBRID_NEURON_GDN_PREFILL"
 GDN_PREFILL_CHOICES = ("auto", "plugin", "vllm")
 
-#: Which kernel computes the routed experts of MoE blocks on CPU: "auto" (default) or "vllm" -
-#: vLLM's own kernels, faster at decode sizes on this project's machines
-#: (benchmarks/results/moe.md) - or "plugin": the plugin's moe_experts op wherever vLLM would
-#: use its portable kernel (faster from 64 tokens per call, or 16 sharing experts: prefill, verification).
+#: Which kernel computes the routed experts of MoE blocks on CPU: "auto" (default) or "plugin" -
+#: the plugin's moe_experts op wherever vLLM would use its portable "vec" kernel (1.3-1.9x it
+#: from 64 tokens per call, even at decode sizes: benchmarks/results/moe.md), vLLM's AMX / ARM /
+#: Power kernels kept - or "vllm": vLLM's own kernels everywhere.
 MOE_ENV = "VLLM_HYBRID_NEURON_MOE"
 MOE_CHOICES = ("auto", "plugin", "vllm")
 
