@@ -1,11 +1,12 @@
 """End-to-end serving benchmark: the plugin against vLLM 0.32's native CPU path.
 
     .venv/bin/python benchmarks/bench_serve.py --family granite [--runs 3] [--quick]
-        [--paths plugin plugin-moe native] [--suffix -moe]
+        [--paths plugin plugin-vllm-moe native] [--suffix -vllm-moe]
 
 Builds a random checkpoint with realistic layer widths (fewer layers), then in one run
-serves it with `vllm serve` once per path - the plugin; optionally the plugin with its
-moe_experts op (VLLM_HYBRID_NEURON_MOE=plugin); and with VLLM_PLUGINS set so the plugin is
+serves it with `vllm serve` once per path - the plugin (its moe_experts op for the routed
+experts where vLLM would run its portable kernel, the default); optionally the plugin with
+vLLM's MoE kernel (VLLM_HYBRID_NEURON_MOE=vllm); and with VLLM_PLUGINS set so the plugin is
 not loaded (vLLM's native CPU path) - and drives each with
 `vllm bench serve` (random dataset; 1024 in / 128 out and 128 in / 512 out;
 concurrency 1 and 4; both cores bound), the paths' runs interleaved. Writes benchmarks/results/serve-<family>.json
@@ -61,11 +62,12 @@ def bench_once(server: VllmServer, model_dir: str, inp: int, out: int, conc: int
     return {m: result[m] for m in METRICS}
 
 
-# Served paths: vLLM native, the plugin (vLLM's MoE kernel), the plugin with its moe_experts op.
+# Served paths: vLLM native, the plugin (its moe_experts op by default), the plugin on vLLM's MoE
+# kernel.
 # "-compiled" paths run vLLM's default compiled mode; the others --enforce-eager.
 PATHS = {"native": {"VLLM_PLUGINS": "none"},  # load no general plugin: vLLM's native classes
          "plugin": {},
-         "plugin-moe": {"VLLM_HYBRID_NEURON_MOE": "plugin"},
+         "plugin-vllm-moe": {"VLLM_HYBRID_NEURON_MOE": "vllm"},
          "native-compiled": {"VLLM_PLUGINS": "none"},
          "plugin-compiled": {}}
 
@@ -85,7 +87,7 @@ def serve_and_bench(model_dir: str, path: str, quick: bool, workloads=None) -> d
     with VllmServer(model_dir, args, env=env, ready_timeout=1800) as server:
         assert ("vllm-hybrid-neuron" in server.log()) == plugin
         assert ("MoE layers run the plugin's moe_experts op" in server.log()) == (
-            path == "plugin-moe")
+            plugin and path != "plugin-vllm-moe")
         bench_once(server, model_dir, 64, 16, 1, 2)  # warm-up
         for inp, out, conc in workloads:
             num_prompts = conc * (1 if quick else 2)
