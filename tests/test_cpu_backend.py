@@ -12,6 +12,7 @@ Greedy, 48 tokens, 6 concurrent prompts of 5 to 700 tokens crossing several cach
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 
@@ -26,14 +27,24 @@ EXPECTED_OPS = {"granite": {"mamba2_prefill", "mamba2_decode"},
                 "qwen3_5": {"gdn_prefill", "gdn_decode"}}
 
 
-def _expected_ops(family: str, dtype: str) -> set[str]:
-    """The plugin ops a run must have called: the family's recurrent ops, and the routed
-    experts' moe_experts (the default wherever vLLM would run its portable kernel; on AMX CPUs
-    vLLM's bf16 experts keep its AMX kernel)."""
+def _assert_ops_ran(family: str, dtype: str, mode: str, result: dict,
+                    recurrent: set[str] | None = None) -> None:
+    """The plugin ops the run must have called: the family's recurrent ops (``recurrent``,
+    default EXPECTED_OPS), counted by the op probe, and the routed experts' moe_experts (the
+    default wherever vLLM would run its portable kernel; on AMX CPUs vLLM's bf16 experts keep its
+    AMX kernel): counted in eager runs, and in compiled ones, where Dynamo traces the experts'
+    apply into the graph and no Python runs per call, from the load-time swap's log line."""
     import torch
 
-    amx_experts = dtype == "bfloat16" and torch.cpu._is_amx_tile_supported()
-    return EXPECTED_OPS[family] | (set() if amx_experts else {"moe_experts"})
+    counts = result["plugin_op_counts"][0]
+    called = {k for k, v in counts.items() if v > 0}
+    assert (EXPECTED_OPS[family] if recurrent is None else recurrent) <= called, counts
+    if dtype == "bfloat16" and torch.cpu._is_amx_tile_supported():
+        return
+    swapped = re.search(r"(\d+) MoE layers run the plugin's moe_experts op", result["log"])
+    assert swapped and int(swapped.group(1)) > 0, "routed experts not on the plugin's op"
+    if not (dtype == "float32" and mode in COMPILED_MODES):
+        assert counts.get("moe_experts", 0) > 0, counts
 
 
 # Engines in vLLM's default (compiled) mode, as users get it: fp32 prefix caching and ngram 3;
@@ -138,8 +149,7 @@ def _assert_transformers_logprobs(model_dir, dtype, result, label):
 def test_baseline_matches_transformers_on_plugin_ops(case):
     family, dtype, model_dir = case
     result = _run(model_dir, dtype, "baseline")
-    counts = result["plugin_op_counts"][0]
-    assert _expected_ops(family, dtype) <= {k for k, v in counts.items() if v > 0}, counts
+    _assert_ops_ran(family, dtype, "baseline", result)
     _assert_transformers_logprobs(model_dir, dtype, result, f"{family} {dtype} baseline")
 
 
@@ -159,10 +169,9 @@ def test_ngram_speculation_keeps_greedy_tokens(case, drafts):
     proposed = metrics["vllm:spec_decode_num_draft_tokens"]
     accepted = metrics["vllm:spec_decode_num_accepted_tokens"]
     assert 0 < accepted < proposed, metrics  # drafts both accepted and rejected
-    counts = result["plugin_op_counts"][0]
+    # every decode step here verifies drafts: the spec-decode op, not the plain decode one
     decode_op = "mamba2_spec_decode" if family == "granite" else "gdn_spec_decode"
-    assert counts.get(decode_op, 0) > 0, counts
-    assert _expected_ops(family, dtype) <= {k for k, v in counts.items() if v > 0}, counts
+    _assert_ops_ran(family, dtype, mode, result, {decode_op})
 
 
 def _assert_prefix_caching(model_dir: str, dtype: str, result: dict) -> None:
@@ -191,8 +200,7 @@ def _assert_prefix_caching(model_dir: str, dtype: str, result: dict) -> None:
 def test_prefix_caching_keeps_greedy_tokens_and_hits(case):
     family, dtype, model_dir = case
     result = _run(model_dir, dtype, "prefix_caching")
-    counts = result["plugin_op_counts"][0]
-    assert _expected_ops(family, dtype) <= {k for k, v in counts.items() if v > 0}, counts
+    _assert_ops_ran(family, dtype, "prefix_caching", result)
     _assert_prefix_caching(model_dir, dtype, result)
 
 
@@ -202,7 +210,6 @@ def test_tensor_parallel_2_keeps_greedy_tokens(tiny_model_dir, family, dtype):
     model_dir = tiny_model_dir(family)
     result = _run(model_dir, dtype, "tp2")
     assert len(result["served_classes"]) == 2
-    counts = result["plugin_op_counts"][0]  # rank 0: its half of each expert on the plugin's op
-    assert _expected_ops(family, dtype) <= {k for k, v in counts.items() if v > 0}, counts
+    _assert_ops_ran(family, dtype, "tp2", result)  # rank 0: its half of each expert
     assert result["rounds"][0]["outputs"] == _baseline(model_dir, dtype)
     _assert_transformers_logprobs(model_dir, dtype, result, f"{family} {dtype} tp2")

@@ -12,6 +12,8 @@ import functools
 import importlib
 from collections import Counter
 
+import torch
+
 _COUNTS: Counter[str] = Counter()
 
 # kind -> (module, class, method) whose every call is one layer call of that kind
@@ -37,7 +39,12 @@ PROBES: dict[str, tuple[str, str, str]] = {
 def _counting(kind: str, method):
     @functools.wraps(method)
     def counted(*args, **kwargs):
-        _COUNTS[kind] += 1
+        # A method Dynamo traces (the routed experts' apply, in vLLM's compiled mode) is counted
+        # when it runs eagerly (the profiling forward), not at trace time: a traced increment of
+        # this module's Counter replaced the counts the opaque layers (Mamba2, GDN) kept adding
+        # to, so a compiled run reported none of them.
+        if not torch.compiler.is_compiling():
+            _COUNTS[kind] += 1
         return method(*args, **kwargs)
 
     counted._vhn_probe = kind
