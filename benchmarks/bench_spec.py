@@ -26,7 +26,8 @@ import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-MOE_NAMES = {"auto": "default (the plugin's moe_experts since 2026-12-07)", "vllm": "vLLM's kernel", "plugin": "plugin's moe_experts"}
+MOE_NAMES = {"auto": "default (the plugin's moe_experts since 2026-12-07)",
+             "vllm": "vLLM's kernel", "plugin": "plugin's moe_experts"}
 
 
 def run(request: dict, moe: str) -> dict:

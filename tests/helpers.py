@@ -44,6 +44,13 @@ def prompt_ids(model_dir: str, long_tokens: int = 320) -> list[list[int]]:
     return prompts + [long]
 
 
+def amx_keeps_vllm_experts(dtype: str) -> bool:
+    """Whether the routed experts stay on vLLM's kernel whatever VLLM_HYBRID_NEURON_MOE says:
+    on AMX CPUs vLLM's bf16 experts are its AMX grouped GEMM, which the plugin keeps (it
+    replaces only the portable "vec" kernel)."""
+    return dtype == "bfloat16" and torch.cpu._is_amx_tile_supported()
+
+
 def run_vllm(request: dict, env: dict | None = None, timeout: int = 600,
              command: list[str] | None = None) -> dict:
     """Run ``vllm_hybrid_neuron.tools.generate`` (or ``command``, given the request and result

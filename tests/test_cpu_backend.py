@@ -16,7 +16,8 @@ import re
 
 import pytest
 
-from helpers import MARGIN, check_logprobs, hf_model, run_vllm, same_greedy_tokens
+from helpers import (MARGIN, amx_keeps_vllm_experts, check_logprobs, hf_model, run_vllm,
+                     same_greedy_tokens)
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +35,10 @@ def _assert_ops_ran(family: str, dtype: str, mode: str, result: dict,
     default wherever vLLM would run its portable kernel; on AMX CPUs vLLM's bf16 experts keep its
     AMX kernel): counted in eager runs, and in compiled ones, where Dynamo traces the experts'
     apply into the graph and no Python runs per call, from the load-time swap's log line."""
-    import torch
-
     counts = result["plugin_op_counts"][0]
     called = {k for k, v in counts.items() if v > 0}
     assert (EXPECTED_OPS[family] if recurrent is None else recurrent) <= called, counts
-    if dtype == "bfloat16" and torch.cpu._is_amx_tile_supported():
+    if amx_keeps_vllm_experts(dtype):
         return
     swapped = re.search(r"(\d+) MoE layers run the plugin's moe_experts op", result["log"])
     assert swapped and int(swapped.group(1)) > 0, "routed experts not on the plugin's op"

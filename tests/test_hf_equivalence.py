@@ -13,9 +13,8 @@ prefix caching and long prompts: test_gemma4_long_prompts.py), the plugin's MoE 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from helpers import check_logprobs, prompt_ids, run_vllm
+from helpers import amx_keeps_vllm_experts, check_logprobs, prompt_ids, run_vllm
 
 # Granite and Qwen3.5 causal checkpoints on the default experts kernel (the plugin's op) are
 # test_cpu_backend.py's baselines; "vllm" rows keep vLLM's kernel covered. "multimodal": the
@@ -52,7 +51,7 @@ def test_matches_transformers(tiny_model_dir, family, dtype, moe, checkpoint, se
     # The routed experts run where chosen: the plugin's op by default ("auto") or on request,
     # wherever vLLM would run its portable kernel; vLLM's with "vllm"; on AMX CPUs vLLM's bf16
     # experts use its AMX grouped GEMM, which the plugin keeps (and says so).
-    amx_experts = dtype == "bfloat16" and torch.cpu._is_amx_tile_supported()
+    amx_experts = amx_keeps_vllm_experts(dtype)
     uses_op = result["plugin_op_counts"][0].get("moe_experts", 0) > 0
     assert uses_op == (moe != "vllm" and not amx_experts)
     if moe != "vllm" and amx_experts:

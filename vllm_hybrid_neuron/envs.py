@@ -15,9 +15,9 @@ GDN_PREFILL_ENV = "VLLM_HYBRID_NEURON_GDN_PREFILL"
 GDN_PREFILL_CHOICES = ("auto", "plugin", "vllm")
 
 #: Which kernel computes the routed experts of MoE blocks on CPU: "auto" (default) or "plugin" -
-#: the plugin's moe_experts op wherever vLLM would use its portable "vec" kernel (1.3-1.9x it
-#: from 64 tokens per call, even at decode sizes: benchmarks/results/moe.md), vLLM's AMX / ARM /
-#: Power kernels kept - or "vllm": vLLM's own kernels everywhere.
+#: the plugin's moe_experts op wherever vLLM would use its portable "vec" kernel (1.1-1.9x it
+#: from 64 tokens per call, level at decode sizes: benchmarks/results/moe.md), vLLM's AMX / ARM
+#: / Power kernels kept - or "vllm": vLLM's own kernels everywhere.
 MOE_ENV = "VLLM_HYBRID_NEURON_MOE"
 MOE_CHOICES = ("auto", "plugin", "vllm")
 

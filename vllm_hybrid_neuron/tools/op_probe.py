@@ -39,10 +39,10 @@ PROBES: dict[str, tuple[str, str, str]] = {
 def _counting(kind: str, method):
     @functools.wraps(method)
     def counted(*args, **kwargs):
-        # A method Dynamo traces (the routed experts' apply, in vLLM's compiled mode) is counted
-        # when it runs eagerly (the profiling forward), not at trace time: a traced increment of
-        # this module's Counter replaced the counts the opaque layers (Mamba2, GDN) kept adding
-        # to, so a compiled run reported none of them.
+        # Not counted while Dynamo traces (the routed experts' apply, in vLLM's compiled mode,
+        # so a compiled run counts no moe_experts calls): a traced increment of this module's
+        # Counter replaced the counts the opaque layers (Mamba2, GDN) kept adding to, so a
+        # compiled run reported none of them.
         if not torch.compiler.is_compiling():
             _COUNTS[kind] += 1
         return method(*args, **kwargs)

@@ -9,7 +9,7 @@ expert's weights once per step.
 The default (``VLLM_HYBRID_NEURON_MOE`` unset, "auto", or "plugin"; "vllm" keeps vLLM's kernel).
 With the weights packed once at load (``pack_moe_weights``: one contiguous stream per work item)
 the op is at vLLM's time at decode sizes (weight-streaming bound, within the machines'
-run-to-run noise) and 1.3-1.9x faster from 64 tokens per call - prefill, and tokens sharing
+run-to-run noise) and 1.1-1.9x faster from 64 tokens per call - prefill, and tokens sharing
 experts in a speculative verification step (benchmarks/results/moe.md, 2026-12-07, AVX2). A
 token's result is bitwise independent of the other tokens in the call, so batching and
 speculation cannot move a greedy token through it.
