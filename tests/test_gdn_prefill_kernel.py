@@ -1,5 +1,5 @@
 """The bf16 chunked gated-delta-rule prefill may run on vLLM's own CPU kernel (faster in
-bf16). That kernel keeps state rows as (HV, K, V), the transpose of the cache layout
+bf16 on AMX CPUs, the default there). That kernel keeps state rows as (HV, K, V), the transpose of the cache layout
 (HV, V, K) the plugin's ops use; the layer runs it on transposed copies. Pinned here: the
 kernel's layout, and that output and state then equal the reference within bf16 tolerance."""
 
@@ -8,6 +8,7 @@ import torch
 
 from tests.ops._helpers import assert_close
 from vllm_hybrid_neuron import envs
+from vllm_hybrid_neuron.cpu.layers import gated_deltanet
 from vllm_hybrid_neuron.cpu.layers.gated_deltanet import vllm_bf16_prefill_kernel
 from vllm_hybrid_neuron.ops import chunk_gated_delta_rule_ref
 
@@ -15,8 +16,12 @@ from vllm_hybrid_neuron.ops import chunk_gated_delta_rule_ref
 def test_env_choice(monkeypatch):
     monkeypatch.setenv(envs.GDN_PREFILL_ENV, "plugin")
     assert vllm_bf16_prefill_kernel() is None
-    monkeypatch.setenv(envs.GDN_PREFILL_ENV, "auto")
-    assert vllm_bf16_prefill_kernel() is not None  # vLLM 0.32 CPU ships the kernel
+    monkeypatch.setenv(envs.GDN_PREFILL_ENV, "auto")  # vLLM 0.32 CPU ships the kernel
+    assert (vllm_bf16_prefill_kernel() is not None) == torch.cpu._is_amx_tile_supported()
+    monkeypatch.setattr(gated_deltanet, "_has_amx", lambda: True)
+    assert vllm_bf16_prefill_kernel() is not None  # AMX: vLLM's (7.6x faster there)
+    monkeypatch.setattr(gated_deltanet, "_has_amx", lambda: False)
+    assert vllm_bf16_prefill_kernel() is None  # elsewhere the plugin's (16x faster on AVX2)
     monkeypatch.setenv(envs.GDN_PREFILL_ENV, "fastest")
     with pytest.raises(ValueError, match=envs.GDN_PREFILL_ENV):
         vllm_bf16_prefill_kernel()
