@@ -2,6 +2,7 @@
 
 import torch
 
+from vllm_hybrid_neuron import envs
 from vllm_hybrid_neuron.cpu.layers.gated_deltanet import PluginGatedDeltaNet, vllm_bf16_prefill_kernel
 from vllm_hybrid_neuron.tools import op_probe
 
@@ -24,6 +25,7 @@ def test_probe_counts_each_call_once(monkeypatch):
     g, beta = -torch.rand(1, T, HV) * 0.1, torch.rand(1, T, HV).to(torch.bfloat16)
     args = (torch.ops._C.chunk_gated_delta_rule_cpu, q, k, v, g, beta, torch.zeros(3, HV, K, K),
             torch.tensor([0, T], dtype=torch.int32), torch.tensor([1], dtype=torch.int32))
+    monkeypatch.setenv(envs.GDN_PREFILL_ENV, "vllm")  # "auto" takes it on AMX CPUs only
     assert vllm_bf16_prefill_kernel() is not None
     PluginGatedDeltaNet._chunk_on_vllm_kernel(*args)
     assert op_probe.snapshot() == {}  # not installed: nothing counted

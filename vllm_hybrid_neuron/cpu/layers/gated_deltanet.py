@@ -58,7 +58,13 @@ def vllm_bf16_prefill_kernel():
 
 
 def _has_amx() -> bool:
-    return bool(torch.cpu._is_amx_tile_supported())
+    """Whether the CPU has AMX tiles (the kernel's flag in Linux's /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and "amx_tile" in line.split()
+                       for line in cpuinfo)
+    except OSError:
+        return False
 
 
 class PluginGatedDeltaNet(QwenGatedDeltaNetAttention):
