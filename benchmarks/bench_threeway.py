@@ -132,6 +132,15 @@ def write_markdown(family: str, res: dict, llama: dict | None, path: Path,
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_results(out: Path, data: dict) -> None:
+    """threeway-<family>.json (with the targets) and .md from one run's data."""
+    data["targets"] = targets(data["serve"], data["llamacpp"], data["floor"])
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    write_markdown(data["family"], data["serve"], data["llamacpp"], out.with_suffix(".md"),
+                   data["floor"])
+    print(out.with_suffix(".md").read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--family", choices=sorted(bench_serve.CHECKPOINTS), required=True)
@@ -146,11 +155,7 @@ def main() -> None:
     if args.floor_only:
         data = json.loads(out.with_suffix(".json").read_text())
         data["floor"] = {**decode_floor(args.model_dir), "measured": "after the serving run"}
-        data["targets"] = targets(data["serve"], data["llamacpp"], data["floor"])
-        out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-        write_markdown(args.family, data["serve"], data["llamacpp"], out.with_suffix(".md"),
-                       data["floor"])
-        print(out.with_suffix(".md").read_text())
+        write_results(out, data)
         return
     preset, overrides = bench_serve.CHECKPOINTS[args.family]
     model_dir = args.model_dir or tempfile.mkdtemp(prefix=f"bench-{args.family}-")
@@ -160,13 +165,10 @@ def main() -> None:
     res = bench_serve.interleaved_runs(model_dir, args.runs, args.quick, PATHS, WORKLOADS)
     llama = llamacpp_figures(model_dir, args.family)
     floor = decode_floor(model_dir)
-    out.with_suffix(".json").write_text(json.dumps(
-        {"family": args.family, "preset": preset, "overrides": overrides, "runs": args.runs,
-         "quick": args.quick, "seconds": round(time.time() - t0), "serve": res,
-         "llamacpp": llama, "floor": floor, "targets": targets(res, llama, floor)},
-        indent=1) + "\n")
-    write_markdown(args.family, res, llama, out.with_suffix(".md"), floor)
-    print(out.with_suffix(".md").read_text())
+    write_results(out, {"family": args.family, "preset": preset, "overrides": overrides,
+                        "runs": args.runs, "quick": args.quick,
+                        "seconds": round(time.time() - t0), "serve": res, "llamacpp": llama,
+                        "floor": floor})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The bf16 chunked gated-delta-rule prefill may run on vLLM's own CPU kernel (faster in
-bf16 on AMX CPUs, the default there). That kernel keeps state rows as (HV, K, V), the transpose of the cache layout
-(HV, V, K) the plugin's ops use; the layer runs it on transposed copies. Pinned here: the
-kernel's layout, and that output and state then equal the reference within bf16 tolerance."""
+bf16 on AMX CPUs, the default there). That kernel keeps state rows as (HV, K, V), the
+transpose of the cache layout (HV, V, K) the plugin's ops use; the layer runs it on
+transposed copies. Pinned here: the kernel's layout, and that output and state then equal
+the reference within bf16 tolerance."""
 
 import pytest
 import torch

@@ -14,6 +14,7 @@ as a ``cpu.batch.RecurrentBatch``.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -42,7 +43,7 @@ def vllm_bf16_prefill_kernel():
     prefills (see ``envs.gdn_prefill_kernel``), else None.
 
     "auto" takes it only on CPUs with AMX tiles. Measured (benchmarks/bench_ops.py,
-    Qwen3.5-35B-A3B shapes, bf16, 2 threads): on a Sapphire Rapids machine (AMX) 42 ms
+    Qwen3.5-35B-A3B shapes, bf16, 2 threads): on an Intel Xeon with AMX 42 ms
     against the plugin's 319 ms for 2048 tokens; on an AVX2 Zen 3 (no AVX-512) 1658 ms
     against the plugin's 106 ms for 1024 tokens - there vLLM's kernel made a 1024-token
     Qwen3.5 prefill twice as slow. The plugin's kernel stays the fp32 path and the
@@ -57,14 +58,18 @@ def vllm_bf16_prefill_kernel():
     return kernel
 
 
+@functools.cache
 def _has_amx() -> bool:
-    """Whether the CPU has AMX tiles (the kernel's flag in Linux's /proc/cpuinfo)."""
+    """Whether the CPU has AMX tiles (the kernel's flag in Linux's /proc/cpuinfo; every core
+    lists the same flags, so the first line is read). Read once per process, not per layer."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and "amx_tile" in line.split()
-                       for line in cpuinfo)
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return "amx_tile" in line.split()
     except OSError:
-        return False
+        pass
+    return False
 
 
 class PluginGatedDeltaNet(QwenGatedDeltaNetAttention):
