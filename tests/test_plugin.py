@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from helpers import run_vllm
 from vllm_hybrid_neuron import registration
 
 
@@ -99,3 +100,14 @@ def test_packaging_fixes_hold():
                          timeout=300)
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert cli.stdout.strip().splitlines()[-1] == "0.32.0+cpu"
+
+
+@pytest.mark.slow
+def test_backend_is_logged_by_an_in_process_engine(tiny_model_dir):
+    """An in-process engine (LLM with VLLM_ENABLE_V1_MULTIPROCESSING=0) builds its engine config
+    in the process that loaded the plugin before vLLM set up logging: the backend line must still
+    be logged, once (the config hook announces it)."""
+    model_dir = tiny_model_dir("granite")
+    result = run_vllm({"model": model_dir, "prompts": [[1, 2, 3]], "max_tokens": 2})
+    lines = [l for l in result["log"].splitlines() if "vllm-hybrid-neuron" in l and "backend=" in l]
+    assert len(lines) == 1 and "backend=cpu" in lines[0], lines

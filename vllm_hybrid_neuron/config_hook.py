@@ -29,6 +29,9 @@ def install(architectures, check: Callable[[object], object]) -> None:
 
             @classmethod
             def verify_and_update_config(cls, vllm_config) -> None:
+                from vllm_hybrid_neuron.registration import announce
+
+                announce()  # vLLM's logging is set up by now in this process
                 if cls.wrapped is not None:
                     cls.wrapped.verify_and_update_config(vllm_config)
                 check(vllm_config)

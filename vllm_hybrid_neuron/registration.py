@@ -18,7 +18,8 @@ logger = logging.getLogger("vllm.hybrid_neuron")
 # Architecture name -> "module:Class" of the plugin's CPU model classes.
 CPU_MODELS: dict[str, str] = {arch: cpu_class_path(arch) for arch in ARCHITECTURES}
 
-_state: dict[str, str | None] = {"backend": None}
+# "backend": the backend this process registered; "announced": the backend its log line named.
+_state: dict[str, str | None] = {"backend": None, "announced": None}
 
 
 def is_neuron_platform(platform) -> bool:
@@ -63,9 +64,25 @@ def register() -> None:
     else:
         _register_cpu_models()
     _state["backend"] = backend
+    if logging.getLogger("vllm").handlers:
+        announce()
+
+
+def announce() -> None:
+    """Log which backend serves which architectures, once per process.
+
+    vLLM 0.32 sets up its logging lazily: the process that builds the engine config (the API
+    server, or an in-process ``LLM`` engine) loads plugins before that, where the line would be
+    dropped. ``register()`` logs it where logging is already set up (engine core, workers);
+    elsewhere the config hook calls this when vLLM builds the engine config for one of the
+    plugin's architectures.
+    """
+    if _state["backend"] is None or _state["announced"] == _state["backend"]:
+        return
+    _state["announced"] = _state["backend"]
     logger.info(
         "vllm-hybrid-neuron %s: backend=%s, architectures: %s",
-        __version__, backend, ", ".join(ARCHITECTURES),
+        __version__, _state["backend"], ", ".join(ARCHITECTURES),
     )
 
 
