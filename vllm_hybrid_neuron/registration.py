@@ -64,7 +64,7 @@ def register() -> None:
     else:
         _register_cpu_models()
     _state["backend"] = backend
-    if logging.getLogger("vllm").handlers:
+    if logger.hasHandlers():  # some handler (vLLM's, or the root's) would print it now
         announce()
 
 
