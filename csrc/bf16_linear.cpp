@@ -57,10 +57,10 @@ constexpr int64_t kLineElems = 64 / sizeof(BFloat16);  // bf16 weights per 64-by
 // While it streams its NB rows, it prefetches the next NB rows (the next block) at the same
 // offset: each row is one short stream (3 KB at K = 1536) that the hardware prefetcher only
 // ramps up on after its first misses, and memory-level parallelism is what limits a core
-// here. On the Zen 3 machine (2 threads, weights cycled past the caches, interleaved medians)
-// it took M = 1 from 9.0-11.6 to 11.4-14.9 GB/s and M = 4 from 6.4-10.2 to 8.1-10.4 GB/s on
-// Granite's in_proj / out_proj / LM head; prefetching within the row, or two blocks ahead,
-// gained less or lost (benchmarks/bench_linear.py has the op's figures).
+// here. On the Zen 3 machine (2 threads, weights cycled past the caches, old and new builds
+// alternated) it took M = 1 from 9.7-12.8 to 12.8-14.9 GB/s on Granite's in_proj / out_proj /
+// LM head, M = 4 in_proj from 7.6-8.2 to 9.5-10.0 GB/s (README, bf16_linear); prefetching
+// within the row, or two blocks ahead, gained less or lost.
 template <int M, int NB>
 inline void dot_rows(const float* x, int64_t K, const BFloat16* w, float dots[NB][M]) {
   fVec acc[NB][M];

@@ -61,12 +61,12 @@ IN_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 def run_vllm(request: dict, env: dict | None = None, timeout: int = 600,
-             command: list[str] | None = None, in_process: bool = True) -> dict:
+             command: list[str] | None = None) -> dict:
     """Run ``vllm_hybrid_neuron.tools.generate`` (or ``command``, given the request and result
-    paths) in a fresh process; return its JSON. ``in_process``: the engine in that process
+    paths) in a fresh process; return its JSON. The engine runs inside that process
     (IN_PROCESS_ENV and the "uni" executor), except with tensor parallelism."""
     llm_kwargs = request.get("llm_kwargs", {})
-    if in_process and llm_kwargs.get("tensor_parallel_size", 1) == 1:
+    if llm_kwargs.get("tensor_parallel_size", 1) == 1:
         request = {**request, "llm_kwargs": {"distributed_executor_backend": "uni",
                                              **llm_kwargs}}
         env = {**IN_PROCESS_ENV, **(env or {})}
