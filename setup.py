@@ -35,6 +35,13 @@ def _capability() -> str:
     return "DEFAULT"
 
 
+def _avx512_bf16(cap: str) -> bool:
+    """AVX512-BF16 dot products (VDPBF16PS) for bf16_linear: where the build machine has them,
+    unless VHN_NO_AVX512_BF16=1."""
+    return (cap == "AVX512" and "avx512_bf16" in _cpu_flags()
+            and os.environ.get("VHN_NO_AVX512_BF16", "0") != "1")
+
+
 def _extension():
     from torch.utils.cpp_extension import CppExtension
 
@@ -42,6 +49,8 @@ def _extension():
     args = ["-O3", "-std=c++17", f"-DCPU_CAPABILITY={cap}", "-fopenmp"]
     if cap == "AVX512":
         args += ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+        if _avx512_bf16(cap):
+            args += ["-DVHN_AVX512BF16", "-mavx512bf16"]
     elif cap == "AVX2":
         args += ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
     sources = sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp"))

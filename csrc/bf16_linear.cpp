@@ -1,22 +1,29 @@
-// bf16 linear for CPUs where oneDNN has no bf16 matmul: out (..., N) = x (..., K) @ weight^T + b.
+// bf16 linear for CPUs without AMX: out (..., N) = x (..., K) @ weight^T + b.
 //
 // Why: without AVX512-BF16 vLLM's oneDNN bf16 matmul cannot be created and vLLM falls back to
 // torch's linear, whose bf16 path is slow at every size on such CPUs (benchmarks/bench_linear.py:
 // at M = 4 rows it re-reads the weight per row, 19% of the read-bandwidth floor; at M = 1024
-// it runs at ~7 GFLOP/s). Three regimes, all with fp32 accumulation:
+// it runs at ~7 GFLOP/s). With AVX512-BF16 but no AMX (Zen 4) oneDNN's bf16 matmul works but
+// streams a decode-sized weight at 56-79% of the read bandwidth (M = 1), where this op's
+// streamed kernel reaches 85-95%. Regimes, all with fp32 accumulation:
 //  - M <= kStreamRows (decode, small batches, speculative verification): each thread streams
 //    its own contiguous block of weight rows once; NB weight rows at a time, every input row
-//    is multiplied with them (x converted to fp32 once), in register blocks of up to 4 input
-//    rows (above 4 rows the NB weight rows are re-read from L1 for each block), so each loaded
-//    weight vector serves up to 4 input rows and each input vector NB weight rows. One fp32
-//    vector of each weight row per k-step (kVecF bf16 widened in natural order): a 4 x 3 block
-//    is 12 accumulators + 3 weight vectors + 1 input vector, the 16 AVX2 registers, and ran
-//    1.6-2x the FMA rate of the two-vectors-per-row (even / odd) 4 x 2 block it replaced
-//    (in-cache microbenchmark, Zen 3);
-//  - larger M (prefill): blocks of weight rows converted to fp32 and multiplied with fp32 GEMM
-//    (at::mm), so no full fp32 copy of the weight is ever held.
+//    is multiplied with them, in register blocks of up to 4 input rows (above 4 rows the NB
+//    weight rows are re-read from L1 for each block), so each loaded weight vector serves up
+//    to 4 input rows and each input vector NB weight rows. Without AVX512-BF16, x is
+//    converted to fp32 once and each k-step widens one fp32 vector of each weight row (kVecF
+//    bf16 in natural order): a 4 x 3 block is 12 accumulators + 3 weight vectors + 1 input
+//    vector, the 16 AVX2 registers, and ran 1.6-2x the FMA rate of the two-vectors-per-row
+//    (even / odd) 4 x 2 block it replaced (in-cache microbenchmark, Zen 3). With AVX512-BF16,
+//    x stays bf16 and each k-step is one VDPBF16PS per (weight row, input row);
+//  - larger M (prefill): without AVX512-BF16, blocks of weight rows converted to fp32 and
+//    multiplied with fp32 GEMM (at::mm), so no full fp32 copy of the weight is ever held; with
+//    it, at::linear (ATen's oneDNN bf16 GEMM).
 // fp32 (or other) weights go to at::linear.
 #include "common.h"
+
+#include <string>
+#include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -86,13 +93,58 @@ inline void dot_rows(const float* x, int64_t K, const BFloat16* w, float dots[NB
     }
 }
 
-// Weight rows per block for M input rows: M * NB accumulators + NB weight vectors + 1 input
-// vector within 16 AVX2 registers (measured best per M in the same microbenchmark).
-template <int M>
-constexpr int rows_per_block() { return M == 1 ? 4 : (M == 2 ? 4 : 3); }
+#if defined(VHN_AVX512BF16)
+// The same dots on CPUs with AVX512-BF16, with x in bf16 (the layer's input, so exact): one
+// k-step is 32 elements, and VDPBF16PS adds x[2i] w[2i] + x[2i+1] w[2i+1] into fp32 lane i
+// (products exact in fp32, fp32 sums), so a loaded weight vector is 32 multiply-adds with no
+// widening. The sum order depends only on K, as above. At 4 and 8 rows the fp32 kernel above
+// is compute bound on AVX-512 (66-82 GFLOP/s on Zen 4, 2 threads, README bf16_linear); this
+// one streams the weight at the read bandwidth there.
+constexpr int64_t kStepBh = 32;  // bf16 elements per k-step
+inline __m512 dp_bf16(__m512 acc, __m512i x, __m512i w) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+}
 
 template <int M, int NB>
-void rows_block(const float* x, int64_t K, const BFloat16* w, int64_t n0, const float* bias,
+inline void dot_rows(const BFloat16* x, int64_t K, const BFloat16* w, float dots[NB][M]) {
+  __m512 acc[NB][M];
+  for (int nb = 0; nb < NB; ++nb)
+    for (int m = 0; m < M; ++m) acc[nb][m] = _mm512_setzero_ps();
+  const BFloat16* next = w + NB * K;  // the next block's rows, prefetched as above
+  int64_t k = 0;
+  for (; k + kStepBh <= K; k += kStepBh) {  // one 64-byte line of each row per k-step
+    for (int nb = 0; nb < NB; ++nb) prefetch_l2(next + nb * K + k);
+    __m512i wv[NB];
+    for (int nb = 0; nb < NB; ++nb)
+      wv[nb] = _mm512_loadu_si512(reinterpret_cast<const void*>(w + nb * K + k));
+    for (int m = 0; m < M; ++m) {
+      const __m512i xv = _mm512_loadu_si512(reinterpret_cast<const void*>(x + m * K + k));
+      for (int nb = 0; nb < NB; ++nb) acc[nb][m] = dp_bf16(acc[nb][m], xv, wv[nb]);
+    }
+  }
+  for (int nb = 0; nb < NB; ++nb)
+    for (int m = 0; m < M; ++m) {
+      float s = _mm512_reduce_add_ps(acc[nb][m]);
+      for (int64_t kk = k; kk < K; ++kk)
+        s += static_cast<float>(x[m * K + kk]) * static_cast<float>(w[nb * K + kk]);
+      dots[nb][m] = s;
+    }
+}
+#endif
+
+// Weight rows per block for M input rows, X the input type (float: the widening kernel,
+// M * NB accumulators + NB weight vectors + 1 input vector within 16 AVX2 registers, measured
+// best per M in the same microbenchmark; BFloat16: the AVX512-BF16 kernel, at most 16
+// accumulators + 4 weight vectors + 1 input vector of its 32 registers, at the read bandwidth
+// up to 8 rows on Zen 4).
+template <typename X, int M>
+constexpr int rows_per_block() {
+  if (std::is_same<X, BFloat16>::value) return 4;
+  return M == 1 ? 4 : (M == 2 ? 4 : 3);
+}
+
+template <typename X, int M, int NB>
+void rows_block(const X* x, int64_t K, const BFloat16* w, int64_t n0, const float* bias,
                 BFloat16* out, int64_t N) {
   float dots[NB][M];
   dot_rows<M, NB>(x, K, w + n0 * K, dots);
@@ -101,67 +153,65 @@ void rows_block(const float* x, int64_t K, const BFloat16* w, int64_t n0, const 
       out[m * N + n0 + nb] = BFloat16(bias ? dots[nb][m] + bias[n0 + nb] : dots[nb][m]);
 }
 
-template <int M>
-void gemv_rows(const float* x, int64_t K, const BFloat16* w, int64_t N, const float* bias,
+template <typename X, int M>
+void gemv_rows(const X* x, int64_t K, const BFloat16* w, int64_t N, const float* bias,
                BFloat16* out) {
-  constexpr int NB = rows_per_block<M>();
+  constexpr int NB = rows_per_block<X, M>();
   const int64_t blocks = N / NB;
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) rows_block<M, NB>(x, K, w, b * NB, bias, out, N);
+    for (int64_t b = b0; b < b1; ++b) rows_block<X, M, NB>(x, K, w, b * NB, bias, out, N);
   });
-  for (int64_t n = blocks * NB; n < N; ++n) rows_block<M, 1>(x, K, w, n, bias, out, N);
+  for (int64_t n = blocks * NB; n < N; ++n) rows_block<X, M, 1>(x, K, w, n, bias, out, N);
 }
-
-using GemvFn = void (*)(const float*, int64_t, const BFloat16*, int64_t, const float*, BFloat16*);
-constexpr GemvFn kGemv[kMaxM + 1] = {nullptr, gemv_rows<1>, gemv_rows<2>, gemv_rows<3>,
-                                     gemv_rows<4>};
 
 // Output rows [0, M) for weight rows n0 .. n0 + NB: the input rows in register blocks of
 // kMaxM (the last one M % kMaxM rows), each over the same NB weight rows, which the first
 // block brings into L1 and the others re-read from there.
-template <int NB>
-void row_groups(const float* x, int64_t M, int64_t K, const BFloat16* w, int64_t n0,
+template <typename X, int NB>
+void row_groups(const X* x, int64_t M, int64_t K, const BFloat16* w, int64_t n0,
                 const float* bias, BFloat16* out, int64_t N) {
   int64_t m0 = 0;
   for (; m0 + kMaxM <= M; m0 += kMaxM)
-    rows_block<kMaxM, NB>(x + m0 * K, K, w, n0, bias, out + m0 * N, N);
+    rows_block<X, kMaxM, NB>(x + m0 * K, K, w, n0, bias, out + m0 * N, N);
   switch (M - m0) {
-    case 1: rows_block<1, NB>(x + m0 * K, K, w, n0, bias, out + m0 * N, N); break;
-    case 2: rows_block<2, NB>(x + m0 * K, K, w, n0, bias, out + m0 * N, N); break;
-    case 3: rows_block<3, NB>(x + m0 * K, K, w, n0, bias, out + m0 * N, N); break;
+    case 1: rows_block<X, 1, NB>(x + m0 * K, K, w, n0, bias, out + m0 * N, N); break;
+    case 2: rows_block<X, 2, NB>(x + m0 * K, K, w, n0, bias, out + m0 * N, N); break;
+    case 3: rows_block<X, 3, NB>(x + m0 * K, K, w, n0, bias, out + m0 * N, N); break;
     default: break;
   }
 }
 
-// kMaxM < M <= kStreamRows: the weight streamed from memory once for all M rows.
-void gemv_many(const float* x, int64_t M, int64_t K, const BFloat16* w, int64_t N,
-               const float* bias, BFloat16* out) {
-  constexpr int NB = rows_per_block<kMaxM>();
+// out[:, n] for all M <= kStreamRows rows of x (M, K), streaming the weight from memory once.
+template <typename X>
+void gemv(const X* x, int64_t M, int64_t K, const BFloat16* w, int64_t N, const float* bias,
+          BFloat16* out) {
+  switch (M) {
+    case 1: return gemv_rows<X, 1>(x, K, w, N, bias, out);
+    case 2: return gemv_rows<X, 2>(x, K, w, N, bias, out);
+    case 3: return gemv_rows<X, 3>(x, K, w, N, bias, out);
+    case 4: return gemv_rows<X, 4>(x, K, w, N, bias, out);
+    default: break;
+  }
+  constexpr int NB = rows_per_block<X, kMaxM>();
   const int64_t blocks = N / NB;
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) row_groups<NB>(x, M, K, w, b * NB, bias, out, N);
+    for (int64_t b = b0; b < b1; ++b) row_groups<X, NB>(x, M, K, w, b * NB, bias, out, N);
   });
-  for (int64_t n = blocks * NB; n < N; ++n) row_groups<1>(x, M, K, w, n, bias, out, N);
+  for (int64_t n = blocks * NB; n < N; ++n) row_groups<X, 1>(x, M, K, w, n, bias, out, N);
 }
 
 // Above this, blocked fp32 GEMM. Streaming stays faster up to 64 rows on the Zen 3 machine
 // (2 threads, 6448 x 1536 / 1536 x 3072: 25 rows 5.8 / 3.7 ms streamed vs 25.3 / 7.6 ms on the
 // GEMM path, 64 rows 13.4 / 8.0 vs 30.1 / 9.8 ms; from 128 rows they are even).
 constexpr int64_t kStreamRows = 64;
+// With AVX512-BF16 the streamed kernel is compute bound from 16 rows (~350 GFLOP/s, 2 threads,
+// Zen 4) and ATen's oneDNN bf16 GEMM is level with it at 24 rows and 0.88-0.94x faster at 32-48
+// (Granite's in_proj / out_proj, Qwen3.5's in_proj_qkvz / LM head); the switch stays at 64
+// rows there too, so that a row's bits do not depend on the batch up to 64 rows (speculative
+// verification of up to 16 sequences x 4 tokens equals their plain decode steps).
 constexpr int64_t kGemmBlockBytes = 8 << 20;  // fp32 bytes of one converted weight block
 
-// out[:, n] for all rows of x, streaming the weight once.
-void streamed(const at::Tensor& x32, const at::Tensor& weight, const float* bias, at::Tensor& out) {
-  const int64_t M = x32.size(0), K = x32.size(1), N = weight.size(0);
-  const float* xd = x32.const_data_ptr<float>();  // (M, K) fp32, contiguous
-  const BFloat16* w = weight.const_data_ptr<BFloat16>();
-  BFloat16* o = out.data_ptr<BFloat16>();
-  if (M <= kMaxM)
-    kGemv[M](xd, K, w, N, bias, o);
-  else
-    gemv_many(xd, M, K, w, N, bias, o);
-}
-
+#if !defined(VHN_AVX512BF16)
 // out = x32 @ weight^T (+ bias) with weight-row blocks converted to fp32 one at a time.
 void blocked_fp32_gemm(const at::Tensor& x32, const at::Tensor& weight, const at::Tensor& b32,
                        at::Tensor& out) {
@@ -175,6 +225,7 @@ void blocked_fp32_gemm(const at::Tensor& x32, const at::Tensor& weight, const at
     out.narrow(1, n0, nb).copy_(part);
   }
 }
+#endif
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& bias) {
@@ -186,23 +237,54 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight,
     return at::linear(x, weight, bias);
   at::NoGradGuard no_grad;
   const at::Tensor w = weight.contiguous();
-  const at::Tensor x32 = x.reshape({M, K}).to(at::kFloat).contiguous();  // (M, K) fp32
+  const float* b32p = nullptr;
   at::Tensor b32;
-  if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
+  if (bias.has_value()) {
+    b32 = bias->to(at::kFloat).contiguous();
+    b32p = b32.const_data_ptr<float>();
+  }
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   at::Tensor out = at::empty({M, N}, x.options());
+  const BFloat16* wp = w.const_data_ptr<BFloat16>();
+  BFloat16* op = out.data_ptr<BFloat16>();
+#if defined(VHN_AVX512BF16)
+  // AVX512-BF16: ATen's bf16 linear (oneDNN) reaches the bf16 GEMM rate at prefill sizes.
+  if (M > kStreamRows || K < kStepBh) return at::linear(x, weight, bias);
+  const at::Tensor xb = x.reshape({M, K}).contiguous();  // (M, K) bf16
+  gemv(xb.const_data_ptr<BFloat16>(), M, K, wp, N, b32p, op);
+#else
+  const at::Tensor x32 = x.reshape({M, K}).to(at::kFloat).contiguous();  // (M, K) fp32
   if (M <= kStreamRows && K >= kVecF)
-    streamed(x32, w, b32.defined() ? b32.const_data_ptr<float>() : nullptr, out);
+    gemv(x32.const_data_ptr<float>(), M, K, wp, N, b32p, op);
   else
     blocked_fp32_gemm(x32, w, b32, out);
+#endif
   return out.view(sizes);  // (..., N)
 }
 
 }  // namespace
 
+// The dot kernel this build's bf16_linear streams with.
+std::string bf16_linear_isa() {
+#if defined(VHN_AVX512BF16)
+  return "avx512_bf16";
+#elif defined(CPU_CAPABILITY_AVX512)
+  return "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
 TORCH_LIBRARY_IMPL(vllm_hybrid_neuron, CPU, m) {
   m.impl("bf16_linear", &bf16_linear);
+}
+
+// No tensor arguments: defined here with its one (catch-all) kernel, as moe_pack_step.
+TORCH_LIBRARY_FRAGMENT(vllm_hybrid_neuron, m) {
+  m.def("bf16_linear_isa() -> str", &bf16_linear_isa);
 }
 
 }  // namespace vhn

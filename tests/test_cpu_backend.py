@@ -16,8 +16,8 @@ import re
 
 import pytest
 
-from helpers import (MARGIN, amx_keeps_vllm_experts, check_logprobs, hf_model, run_vllm,
-                     same_greedy_tokens)
+from helpers import (MARGIN, amx_keeps_vllm_experts, check_logprobs, hf_model,
+                     plugin_linear_expected, run_vllm, same_greedy_tokens)
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +34,16 @@ def _assert_ops_ran(family: str, dtype: str, mode: str, result: dict,
     default EXPECTED_OPS), counted by the op probe, and the routed experts' moe_experts (the
     default wherever vLLM would run its portable kernel; on AMX CPUs vLLM's bf16 experts keep its
     AMX kernel): counted in eager runs, and in compiled ones, where Dynamo traces the experts'
-    apply into the graph and no Python runs per call, from the load-time swap's log line."""
+    apply into the graph and no Python runs per call, from the load-time swap's log line.
+    In bf16, on CPUs where the plugin takes the dense projections (no oneDNN bf16 matmul, or
+    AVX512-BF16 without AMX), bf16_linear too (bf16 engines here run eager)."""
     counts = result["plugin_op_counts"][0]
     called = {k for k, v in counts.items() if v > 0}
     assert (EXPECTED_OPS[family] if recurrent is None else recurrent) <= called, counts
+    if plugin_linear_expected(dtype):
+        taken = re.search(r"(\d+) linear layers / LM head run bf16_linear", result["log"])
+        assert taken and int(taken.group(1)) > 0, "dense projections not on bf16_linear"
+        assert counts.get("bf16_linear", 0) > 0, counts
     if amx_keeps_vllm_experts(dtype):
         return
     swapped = re.search(r"(\d+) MoE layers run the plugin's moe_experts op", result["log"])

@@ -46,8 +46,8 @@ NATIVE_BREAKS = {"granite_vllm_native_gated_norm": "granite"}
 MUTANT_RUNNER = os.path.join(os.path.dirname(__file__), "mutants", "run_mutant.py")
 
 
-def _serve(model_dir: str, prompts, env=None, command=None) -> dict:
-    return run_vllm({"model": model_dir, "dtype": "float32", "prompts": prompts,
+def _serve(model_dir: str, prompts, env=None, command=None, dtype="float32") -> dict:
+    return run_vllm({"model": model_dir, "dtype": dtype, "prompts": prompts,
                      "max_tokens": 16, "logprobs": True,
                      "llm_kwargs": {"enable_prefix_caching": False}}, env=env, command=command)
 
@@ -61,12 +61,10 @@ def _assert_caught(name: str, reference_dir: str, prompts, result: dict) -> None
     assert check.logprob_err > 10 * FP32_LOGPROB_TOL  # caught by a wide margin
 
 
-@pytest.mark.parametrize("name", list(WEIGHT_BREAKS))
-def test_weight_break_is_caught(tiny_model_dir, tmp_path, name):
+def _broken_copy(reference: str, tmp_path, name: str) -> str:
     from safetensors.torch import load_file, save_file
 
-    family, suffix, new = WEIGHT_BREAKS[name]
-    reference = tiny_model_dir(family)
+    _, suffix, new = WEIGHT_BREAKS[name]
     broken = tmp_path / "broken"
     shutil.copytree(reference, broken)
     weights = load_file(broken / "model.safetensors")
@@ -76,8 +74,27 @@ def test_weight_break_is_caught(tiny_model_dir, tmp_path, name):
         assert not torch.equal(weights[key], new(weights[key])), f"{key} already unbroken"
         weights[key] = new(weights[key])
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    return str(broken)
+
+
+@pytest.mark.parametrize("name", list(WEIGHT_BREAKS))
+def test_weight_break_is_caught(tiny_model_dir, tmp_path, name):
+    reference = tiny_model_dir(WEIGHT_BREAKS[name][0])
     prompts = prompt_ids(reference)
-    _assert_caught(name, reference, prompts, _serve(str(broken), prompts))
+    _assert_caught(name, reference, prompts, _serve(_broken_copy(reference, tmp_path, name), prompts))
+
+
+# The bf16 check (helpers.LogprobCheck: rms and per-token bounds scaled by transformers' own
+# bf16 run) against the same kind of breaks, served in bf16.
+@pytest.mark.parametrize("name", ["granite_D_dropped", "qwen3_5_dt_bias_dropped",
+                                  "gemma4_q_norm_weight_1"])
+def test_bf16_weight_break_is_caught(tiny_model_dir, tmp_path, name):
+    reference = tiny_model_dir(WEIGHT_BREAKS[name][0])
+    prompts = prompt_ids(reference)
+    rnd = _serve(_broken_copy(reference, tmp_path, name), prompts, dtype="bfloat16")["rounds"][0]
+    check = check_logprobs(reference, "bfloat16", prompts, rnd["outputs"], rnd["logprobs"])
+    print(f"MUTATION bf16 | {name} | {check} | {'; '.join(check.problems()) or 'NOT CAUGHT'}")
+    assert check.problems(), f"{name} passed the bf16 transformers check: {check}"
 
 
 @pytest.mark.parametrize("name", list(CODE_BREAKS))

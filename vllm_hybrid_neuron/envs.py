@@ -22,6 +22,13 @@ GDN_PREFILL_CHOICES = ("auto", "plugin", "vllm")
 MOE_ENV = "VLLM_HYBRID_NEURON_MOE"
 MOE_CHOICES = ("auto", "plugin", "vllm")
 
+#: Which kernel runs bf16 dense projections and the LM head of the plugin's CPU model classes:
+#: "auto" (default: the plugin's bf16_linear where oneDNN has no bf16 matmul, and where this
+#: build has AVX512-BF16 dot products and the CPU no AMX; vLLM's oneDNN path elsewhere),
+#: "plugin" (bf16_linear everywhere) or "vllm" (vLLM's path everywhere).
+LINEAR_ENV = "VLLM_HYBRID_NEURON_LINEAR"
+LINEAR_CHOICES = ("auto", "plugin", "vllm")
+
 #: "1": count the plugin's layer calls by kind in each process (``tools/op_probe.py``), so
 #: tests can prove which ops served. Off by default: nothing is counted on the served path.
 COUNT_OPS_ENV = "VLLM_HYBRID_NEURON_COUNT_OPS"
@@ -49,6 +56,11 @@ def gdn_prefill_kernel() -> str:
 def moe_kernel() -> str:
     """The requested routed-experts kernel, validated; "auto" when unset."""
     return _choice(MOE_ENV, MOE_CHOICES)
+
+
+def linear_kernel() -> str:
+    """The requested dense-projection kernel, validated; "auto" when unset."""
+    return _choice(LINEAR_ENV, LINEAR_CHOICES)
 
 
 def count_ops() -> bool:

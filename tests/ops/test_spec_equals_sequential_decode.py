@@ -53,9 +53,14 @@ def _assert_bitwise_equal(spec_out, spec_states, decode_out, decode_states):
         assert torch.equal(spec_states[SLOT[s][t]], state), (s, t)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+# d_state: vector fast paths, and a ragged one. The ragged one is held to it by the served C++
+# ops only: the references' torch reductions round a ragged row differently with the number of
+# rows they see (AVX-512 torch on Zen 4: 6e-8 in fp32, as the GDN references below).
+MAMBA2_CASES = [(impl, N) for impl in IMPLS for N in (16, 32)] + [("cpp", 20)]
+
+
+@pytest.mark.parametrize("impl,N", MAMBA2_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N", [16, 32, 20])  # d_state: vector fast paths, and a ragged one
 @pytest.mark.parametrize("tokens", [[2, 2, 2], [4, 1, 3]])
 def test_mamba2_spec_equals_decode_steps(impl, dtype, N, tokens):
     f = IMPLS[impl]

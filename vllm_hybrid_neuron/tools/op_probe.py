@@ -33,6 +33,7 @@ PROBES: dict[str, tuple[str, str, str]] = {
     "gdn_prefill_vllm_bf16_kernel": ("vllm_hybrid_neuron.cpu.layers.gated_deltanet",
                                      "PluginGatedDeltaNet", "_chunk_on_vllm_kernel"),
     "moe_experts": ("vllm_hybrid_neuron.cpu.layers.moe_experts", "PluginCPUExperts", "apply"),
+    "bf16_linear": ("vllm_hybrid_neuron.cpu.layers.bf16_linear_layers", "PluginLinear", "apply"),
 }
 
 

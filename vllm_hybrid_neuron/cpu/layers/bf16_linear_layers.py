@@ -5,13 +5,18 @@ build a bf16 matmul (CPUs without AVX512-BF16, such as this project's AVX2 machi
 back to ``torch.nn.functional.linear``, whose bf16 path is slow at every size there: it
 re-reads the weight for every row at decode sizes (M = 4 rows - batched decode, a speculative
 verification step - runs at ~19% of the read bandwidth, ~4x the cost of M = 1) and reaches
-~7 GFLOP/s at prefill sizes (benchmarks/bench_linear.py). On such CPUs the plugin's model
-classes give their bf16 linear layers and LM head ``bf16_linear`` (``ops/bf16_linear.py``).
-Where oneDNN bf16 works, vLLM's path stays.
+~7 GFLOP/s at prefill sizes. Where oneDNN's bf16 matmul works without AMX (AVX512-BF16, e.g.
+Zen 4) it streams decode-sized weights at 56-79% of the read bandwidth, and the plugin's
+AVX512-BF16 kernel 1.1-1.7x faster at 1-8 rows (benchmarks/bench_linear.py, README). On
+those CPUs the plugin's model classes give their bf16 linear layers and LM head
+``bf16_linear`` (``ops/bf16_linear.py``); on AMX CPUs vLLM's oneDNN path stays.
+``VLLM_HYBRID_NEURON_LINEAR`` overrides the choice (``envs.py``).
 
 Hooked by switching the class of each layer's quantisation method to a state-free subclass
-whose ``process_weights_after_loading`` lets vLLM dispatch first, then replaces the
-``cpu_linear`` callable vLLM's ``cpu_unquantized_gemm`` calls.
+whose ``process_weights_after_loading`` sets the ``cpu_linear`` callable vLLM's
+``cpu_unquantized_gemm`` calls, in place of vLLM's dispatch (which would prepack the weight
+for oneDNN and drop it); layers it does not take (small router-like weights vLLM gives
+sgl-kernel, fp32 weights) get vLLM's dispatch.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from torch import nn
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
+from vllm_hybrid_neuron import envs
 from vllm_hybrid_neuron.cpu import vllm_seam
-from vllm_hybrid_neuron.ops.bf16_linear import bf16_linear
+from vllm_hybrid_neuron.ops.bf16_linear import bf16_linear, kernel_isa
 
 logger = logging.getLogger("vllm.hybrid_neuron")
 
@@ -44,52 +50,94 @@ def onednn_bf16_matmul_available() -> bool:
         return False
 
 
-def _bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return bf16_linear(x, weight, bias)
+def plugin_linear_wanted() -> bool:
+    """Whether the plugin's model classes put their bf16 dense projections on ``bf16_linear``:
+    ``VLLM_HYBRID_NEURON_LINEAR`` = "plugin" / "vllm", or "auto" (default): where oneDNN has no
+    bf16 matmul, and where this build's kernel has AVX512-BF16 dot products and the CPU no AMX."""
+    choice = envs.linear_kernel()
+    if choice != "auto":
+        return choice == "plugin"
+    if not onednn_bf16_matmul_available():
+        return True
+    return kernel_isa() == "avx512_bf16" and not torch.cpu._is_amx_tile_supported()
 
 
-def _take_over(layer: nn.Module) -> None:
+class PluginLinear:
+    """The ``cpu_linear`` callable of the layers the plugin takes (a class attribute, so the
+    op probe can count its calls: tools/op_probe.py)."""
+
+    @staticmethod
+    def apply(x: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        return bf16_linear(x, weight, bias)
+
+
+def _takes(layer: nn.Module) -> bool:
     from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
 
+    if getattr(layer, "_cpu_skip_gemm_dispatch", False):
+        return False  # vLLM gives such layers plain F.linear
     w = getattr(layer, "weight", None)
-    if w is None or w.dim() != 2 or w.numel() == 0 or w.dtype != torch.bfloat16:
-        return  # fp32, or vLLM moved the weight into a packed kernel of its own
-    if check_cpu_sgl_kernel(w.size(0), w.size(1), w.dtype):
-        return  # small router-like weights: vLLM's sgl-kernel path
-    layer.cpu_linear = _bf16_linear
+    if w is None or w.is_meta or w.dim() != 2 or w.numel() == 0 or w.dtype != torch.bfloat16:
+        return False
+    return not check_cpu_sgl_kernel(w.size(0), w.size(1), w.dtype)  # small router-like weights
+
+
+def _take_over(layer: nn.Module) -> bool:
+    if not _takes(layer):
+        return False
+    layer.cpu_linear = PluginLinear.apply  # the probe, when installed, wraps it before loading
     layer._vhn_bf16_linear = True
+    return True
 
 
 class Bf16LinearMethod(UnquantizedLinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        super().process_weights_after_loading(layer)
-        _take_over(layer)
+        if not _take_over(layer):
+            super().process_weights_after_loading(layer)
 
 
 class Bf16EmbeddingMethod(UnquantizedEmbeddingMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        super().process_weights_after_loading(layer)
-        _take_over(layer)
+        if not _take_over(layer):
+            super().process_weights_after_loading(layer)
 
 
 def use_bf16_linear(model: nn.Module) -> int:
     """Before weights load: give every unquantised linear layer and LM head of ``model`` the
-    plugin's method (where oneDNN bf16 is unavailable). Returns the number of layers."""
+    plugin's method (where ``plugin_linear_wanted``). Returns the number of layers."""
+    if not plugin_linear_wanted():
+        logger.info("vllm-hybrid-neuron: dense projections stay on vLLM's CPU linear path "
+                    "(%s)", _why_not())
+        return 0
+    swaps = {UnquantizedLinearMethod: Bf16LinearMethod,
+             UnquantizedEmbeddingMethod: Bf16EmbeddingMethod}
+    count = 0
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        plugin = swaps.get(type(method))
+        if plugin is not None and _is_projection(module):
+            method.__class__ = plugin
+            count += 1
+    logger.info("vllm-hybrid-neuron: %d linear layers / LM head run bf16_linear (%s kernel) "
+                "when their weights are bf16 (%s)", count, kernel_isa(), _why())
+    return count
+
+
+def _why() -> str:
+    if envs.linear_kernel() == "plugin":
+        return f"{envs.LINEAR_ENV}=plugin"
     if not onednn_bf16_matmul_available():
-        swaps = {UnquantizedLinearMethod: Bf16LinearMethod,
-                 UnquantizedEmbeddingMethod: Bf16EmbeddingMethod}
-        count = 0
-        for module in model.modules():
-            method = getattr(module, "quant_method", None)
-            plugin = swaps.get(type(method))
-            if plugin is not None and _is_projection(module):
-                method.__class__ = plugin
-                count += 1
-        logger.info("vllm-hybrid-neuron: %d linear layers / LM head run bf16_linear when "
-                    "their weights are bf16 (oneDNN has no bf16 matmul on this CPU)", count)
-        return count
-    logger.info("vllm-hybrid-neuron: dense projections stay on vLLM's oneDNN bf16 matmul")
-    return 0
+        return "oneDNN has no bf16 matmul on this CPU"
+    return "AVX512-BF16 without AMX: streams decode-sized weights faster than oneDNN"
+
+
+def _why_not() -> str:
+    if envs.linear_kernel() == "vllm":
+        return f"{envs.LINEAR_ENV}=vllm"
+    if torch.cpu._is_amx_tile_supported():
+        return "oneDNN's AMX bf16 matmul"
+    return f"this build's bf16_linear kernel is {kernel_isa()}, oneDNN bf16 works"
 
 
 def _is_projection(module: nn.Module) -> bool:
