@@ -26,14 +26,14 @@ def test_auto_choice(monkeypatch, machine, takes):
     monkeypatch.delenv(envs.LINEAR_ENV, raising=False)
     monkeypatch.setattr(L, "onednn_bf16_matmul_available", lambda: onednn)
     monkeypatch.setattr(L, "kernel_isa", lambda: isa)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(L, "has_amx", lambda: amx)
     assert L.plugin_linear_wanted() is takes
 
 
 @pytest.mark.parametrize("value,takes", [("plugin", True), ("vllm", False), (" Plugin ", True)])
 def test_override(monkeypatch, value, takes):
     monkeypatch.setenv(envs.LINEAR_ENV, value)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(L, "has_amx", lambda: True)
     assert L.plugin_linear_wanted() is takes
 
 

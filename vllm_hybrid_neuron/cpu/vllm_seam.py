@@ -166,6 +166,12 @@ def keep_off_zentorch(experts) -> None:
     experts._use_zentorch = False
 
 
+def skips_gemm_dispatch(layer) -> bool:
+    """Layers vLLM's linear method leaves on plain ``F.linear`` (MLA's kv_b_proj:
+    ``_cpu_skip_gemm_dispatch``)."""
+    return bool(getattr(layer, "_cpu_skip_gemm_dispatch", False))
+
+
 def onednn_supported() -> bool:
     """Whether this vLLM build has oneDNN matmuls (``vllm._custom_ops._supports_onednn``)."""
     from vllm import _custom_ops

@@ -31,6 +31,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbed
 
 from vllm_hybrid_neuron import envs
 from vllm_hybrid_neuron.cpu import vllm_seam
+from vllm_hybrid_neuron.cpu.cpu_features import has_amx
 from vllm_hybrid_neuron.ops.bf16_linear import bf16_linear, kernel_isa
 
 logger = logging.getLogger("vllm.hybrid_neuron")
@@ -59,7 +60,7 @@ def plugin_linear_wanted() -> bool:
         return choice == "plugin"
     if not onednn_bf16_matmul_available():
         return True
-    return kernel_isa() == "avx512_bf16" and not torch.cpu._is_amx_tile_supported()
+    return kernel_isa() == "avx512_bf16" and not has_amx()
 
 
 class PluginLinear:
@@ -75,7 +76,7 @@ class PluginLinear:
 def _takes(layer: nn.Module) -> bool:
     from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
 
-    if getattr(layer, "_cpu_skip_gemm_dispatch", False):
+    if vllm_seam.skips_gemm_dispatch(layer):
         return False  # vLLM gives such layers plain F.linear
     w = getattr(layer, "weight", None)
     if w is None or w.is_meta or w.dim() != 2 or w.numel() == 0 or w.dtype != torch.bfloat16:
@@ -135,7 +136,7 @@ def _why() -> str:
 def _why_not() -> str:
     if envs.linear_kernel() == "vllm":
         return f"{envs.LINEAR_ENV}=vllm"
-    if torch.cpu._is_amx_tile_supported():
+    if has_amx():
         return "oneDNN's AMX bf16 matmul"
     return f"this build's bf16_linear kernel is {kernel_isa()}, oneDNN bf16 works"
 

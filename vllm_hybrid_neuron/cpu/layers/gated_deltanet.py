@@ -14,7 +14,6 @@ as a ``cpu.batch.RecurrentBatch``.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -24,6 +23,7 @@ from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import (
 
 from vllm_hybrid_neuron import envs
 from vllm_hybrid_neuron.cpu import vllm_seam
+from vllm_hybrid_neuron.cpu.cpu_features import has_amx
 from vllm_hybrid_neuron.cpu.batch import DecodeRows, PrefillRows, SpecRows, put, take
 from vllm_hybrid_neuron.cpu.layers.prefill_checkpoint import store_prefill_checkpoint
 from vllm_hybrid_neuron.ops import (
@@ -58,18 +58,8 @@ def vllm_bf16_prefill_kernel():
     return kernel
 
 
-@functools.cache
 def _has_amx() -> bool:
-    """Whether the CPU has AMX tiles (the kernel's flag in Linux's /proc/cpuinfo; every core
-    lists the same flags, so the first line is read). Read once per process, not per layer."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return "amx_tile" in line.split()
-    except OSError:
-        pass
-    return False
+    return has_amx()
 
 
 class PluginGatedDeltaNet(QwenGatedDeltaNetAttention):
