@@ -150,8 +150,11 @@ def main() -> None:
     ap.add_argument("--floor-only", action="store_true", help="measure only the decode floor "
                     "and add it to the family's existing results (a run from before the floor "
                     "was part of the script)")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="where to write (a subdirectory per machine kind, e.g. results/zen4)")
     args = ap.parse_args()
-    out = RESULTS / f"threeway-{args.family}"
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"threeway-{args.family}"
     if args.floor_only:
         data = json.loads(out.with_suffix(".json").read_text())
         data["floor"] = {**decode_floor(args.model_dir), "measured": "after the serving run"}

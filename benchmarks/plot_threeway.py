@@ -1,11 +1,12 @@
 """Plot benchmarks/results/threeway-*.json (bench_threeway.py) into threeway.png: each path's
 TTFT, TPOT and output tok/s relative to vLLM native in its default compiled mode.
 
-    .venv/bin/python benchmarks/plot_threeway.py
+    .venv/bin/python benchmarks/plot_threeway.py [--results benchmarks/results/zen4]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -25,7 +26,11 @@ PATHS = [("plugin-compiled", "vLLM + plugin (compiled)"), ("plugin", "vLLM + plu
 
 
 def main() -> None:
-    files = sorted(RESULTS.glob("threeway-*.json"))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="the directory bench_threeway.py wrote to (one machine's runs)")
+    results = ap.parse_args().results
+    files = sorted(results.glob("threeway-*.json"))
     fig, axes = plt.subplots(1, len(files), figsize=(6.5 * len(files), 4.2), squeeze=False)
     for ax, path in zip(axes[0], files):
         data = json.loads(path.read_text())
@@ -48,7 +53,7 @@ def main() -> None:
         ax.set_title(f"{data['family']} ({data['preset']} widths, bf16, 2 cores)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out = RESULTS / "threeway.png"
+    out = results / "threeway.png"
     fig.savefig(out, dpi=110)
     print(out)
 
