@@ -96,7 +96,8 @@ def moe_experts_ref(out: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: t
     for e in torch.unique(topk_ids).tolist():
         tok, j = torch.nonzero(topk_ids == e, as_tuple=True)  # tokens routed to e
         h = x[tok].float() @ w13[e].float().T  # (n, 2I)
-        y = (_act(h[:, :inter], activation) * h[:, inter:]) @ w2[e].float().T  # (n, K)
+        mid = (_act(h[:, :inter], activation) * h[:, inter:]).to(x.dtype)  # (n, I), as the MLP
+        y = mid.float() @ w2[e].float().T  # (n, K)
         acc.index_add_(0, tok, topk_weights[tok, j].float()[:, None] * y)
     out.copy_(acc)
 
