@@ -21,7 +21,9 @@
 //  3. down projection: work items (expert, block of panels), the same way;
 //  4. each token's top-k rows are summed in top-k order with its routing weights.
 // Items are taken dynamically by the threads: an expert's columns are split between them, so
-// both cores stream at M = 1. fp32 accumulation and intermediates; a token's result does not
+// both cores stream at M = 1. fp32 accumulation; the intermediate act(g) * u is rounded to the
+// tokens' dtype T (as transformers' MLP rounds it; held as fp32, or as bf16 where both stages
+// run on VDPBF16PS: below); a token's result does not
 // depend on the other tokens in the call (the accumulation order depends only on K and I).
 #include "gemv.h"
 

@@ -7,7 +7,8 @@
 packed once (at load) by ``pack_moe_weights`` into panels of four rows, k-step-major
 (layout: csrc/moe_experts.cpp), so that a work item's weights are one contiguous stream.
 Routing (softmax, top-k, renormalisation, Gemma 4's scales) and the shared expert stay with the
-caller. The op accumulates in fp32 with fp32 intermediates and rounds once, to ``x``'s dtype;
+caller. The op accumulates in fp32 and rounds the intermediate act(gate) * up to ``x``'s dtype
+(as transformers' MLP does), and the result to ``x``'s dtype;
 the reference does the same in plain torch, one expert at a time.
 """
 
