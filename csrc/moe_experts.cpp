@@ -94,27 +94,40 @@ inline void panel_dot(const float* const* x, const W* panel, int64_t steps,
     for (int m = 0; m < M; ++m) dots[r][m] = hsum(acc[r][m]);
 }
 
-// For each group of up to kTokenGroup of the `rows` inputs xs[0 .. rows): emit(row, dots).
-template <typename W, typename Emit>
-inline void panel_all_rows(const float* const* xs, int64_t rows, const W* panel, int64_t steps,
-                           const Emit& emit) {
-  for (int64_t t0 = 0; t0 < rows; t0 += kTokenGroup) {
-    auto run = [&](auto m_tag) {
+// f(integral_constant<int, n>) for 1 <= n <= G.
+template <int G, typename F>
+inline void with_count(int64_t n, const F& f) {
+  if constexpr (G > 1) {
+    if (n < G) return with_count<G - 1>(n, f);
+  }
+  f(std::integral_constant<int, G>{});
+}
+
+// For each group of up to G of `rows` tokens from t0: dot(t0, M tag, dots[kPanelRows][M]),
+// then emit(row, the row's kPanelRows dots).
+template <int G, typename Dot, typename Emit>
+inline void in_token_groups(int64_t rows, const Dot& dot, const Emit& emit) {
+  for (int64_t t0 = 0; t0 < rows; t0 += G) {
+    with_count<G>(std::min<int64_t>(G, rows - t0), [&](auto m_tag) {
       constexpr int M = decltype(m_tag)::value;
       float dots[kPanelRows][M];
-      panel_dot<M>(xs + t0, panel, steps, dots);
+      dot(t0, m_tag, dots);
       for (int m = 0; m < M; ++m) {
         float d[kPanelRows];
         for (int r = 0; r < kPanelRows; ++r) d[r] = dots[r][m];
         emit(t0 + m, d);
       }
-    };
-    switch (std::min<int64_t>(kTokenGroup, rows - t0)) {
-      case 1: run(std::integral_constant<int, 1>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      default: run(std::integral_constant<int, 3>{}); break;
-    }
+    });
   }
+}
+
+// emit(row, dots) for the `rows` inputs xs[0 .. rows), kTokenGroup at a time.
+template <typename W, typename Emit>
+inline void panel_all_rows(const float* const* xs, int64_t rows, const W* panel, int64_t steps,
+                           const Emit& emit) {
+  in_token_groups<kTokenGroup>(rows, [&](int64_t t0, auto m_tag, auto& dots) {
+    panel_dot<decltype(m_tag)::value>(xs + t0, panel, steps, dots);
+  }, emit);
 }
 
 #if defined(VHN_AVX512BF16)
@@ -151,26 +164,9 @@ inline void panel_dot_bh(const BFloat16* const* x, const BFloat16* panel, int64_
 template <typename Emit>
 inline void panel_all_rows_bh(const BFloat16* const* xs, int64_t rows, const BFloat16* panel,
                               int64_t steps, const Emit& emit) {
-  for (int64_t t0 = 0; t0 < rows; t0 += kTokenGroupBh) {
-    auto run = [&](auto m_tag) {
-      constexpr int M = decltype(m_tag)::value;
-      float dots[kPanelRows][M];
-      panel_dot_bh<M>(xs + t0, panel, steps, dots);
-      for (int m = 0; m < M; ++m) {
-        float d[kPanelRows];
-        for (int r = 0; r < kPanelRows; ++r) d[r] = dots[r][m];
-        emit(t0 + m, d);
-      }
-    };
-    switch (std::min<int64_t>(kTokenGroupBh, rows - t0)) {
-      case 1: run(std::integral_constant<int, 1>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      case 3: run(std::integral_constant<int, 3>{}); break;
-      case 4: run(std::integral_constant<int, 4>{}); break;
-      case 5: run(std::integral_constant<int, 5>{}); break;
-      default: run(std::integral_constant<int, 6>{}); break;
-    }
-  }
+  in_token_groups<kTokenGroupBh>(rows, [&](int64_t t0, auto m_tag, auto& dots) {
+    panel_dot_bh<decltype(m_tag)::value>(xs + t0, panel, steps, dots);
+  }, emit);
 }
 #endif
 
