@@ -18,11 +18,14 @@ def test_env_choice(monkeypatch):
     monkeypatch.setenv(envs.GDN_PREFILL_ENV, "plugin")
     assert vllm_bf16_prefill_kernel() is None
     monkeypatch.setenv(envs.GDN_PREFILL_ENV, "auto")  # vLLM 0.32 CPU ships the kernel
-    assert (vllm_bf16_prefill_kernel() is not None) == torch.cpu._is_amx_tile_supported()
-    monkeypatch.setattr(gated_deltanet, "_has_amx", lambda: True)
-    assert vllm_bf16_prefill_kernel() is not None  # AMX: vLLM's (7.6x faster there)
-    monkeypatch.setattr(gated_deltanet, "_has_amx", lambda: False)
-    assert vllm_bf16_prefill_kernel() is None  # elsewhere the plugin's (16x faster on AVX2)
+    fast = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert (vllm_bf16_prefill_kernel() is not None) == fast
+    for amx, avx512_bf16, vllms in [(True, True, True),    # AMX: vLLM's (7.6x faster there)
+                                    (False, True, True),   # Zen 4: vLLM's (2.7x)
+                                    (False, False, False)]:  # AVX2: the plugin's (16x)
+        monkeypatch.setattr(gated_deltanet, "has_amx", lambda: amx)
+        monkeypatch.setattr(gated_deltanet, "has_avx512_bf16", lambda: avx512_bf16)
+        assert (vllm_bf16_prefill_kernel() is not None) is vllms
     monkeypatch.setenv(envs.GDN_PREFILL_ENV, "fastest")
     with pytest.raises(ValueError, match=envs.GDN_PREFILL_ENV):
         vllm_bf16_prefill_kernel()

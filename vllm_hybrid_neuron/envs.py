@@ -9,8 +9,9 @@ BACKEND_ENV = "VLLM_HYBRID_NEURON_BACKEND"
 BACKEND_CHOICES = ("auto", "cpu", "neuron")
 
 #: Which kernel runs bf16 chunked gated-delta-rule prefills: "auto" (default: vLLM's own
-#: bf16 CPU kernel on CPUs with AMX, where it measured 7.6x faster than the plugin's, and the
-#: plugin's everywhere else, where vLLM's measured 16x slower on AVX2), "plugin" or "vllm".
+#: bf16 CPU kernel on CPUs with AMX or AVX512-BF16, where it measured 7.6x (AMX) and 2.7x
+#: (Zen 4) faster than the plugin's, and the plugin's everywhere else, where vLLM's measured
+#: 16x slower on AVX2), "plugin" or "vllm".
 #: fp32 prefills always run on the plugin's kernel.
 GDN_PREFILL_ENV = "VLLM_HYBRID_NEURON_GDN_PREFILL"
 GDN_PREFILL_CHOICES = ("auto", "plugin", "vllm")

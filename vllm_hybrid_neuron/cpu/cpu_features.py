@@ -6,14 +6,24 @@ import functools
 
 
 @functools.cache
-def has_amx() -> bool:
-    """Whether the CPU has AMX tiles (the kernel's flag in Linux's /proc/cpuinfo; every core
-    lists the same flags, so the first line is read). Read once per process, not per layer."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's flags in Linux's /proc/cpuinfo (every core lists the same ones, so the first
+    line is read); empty where there is none. Read once per process, not per layer."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("flags"):
-                    return "amx_tile" in line.split()
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def has_amx() -> bool:
+    """Whether the CPU has AMX tiles."""
+    return "amx_tile" in cpu_flags()
+
+
+def has_avx512_bf16() -> bool:
+    """Whether the CPU has AVX512-BF16 dot products (VDPBF16PS)."""
+    return "avx512_bf16" in cpu_flags()

@@ -23,7 +23,7 @@ from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import (
 
 from vllm_hybrid_neuron import envs
 from vllm_hybrid_neuron.cpu import vllm_seam
-from vllm_hybrid_neuron.cpu.cpu_features import has_amx
+from vllm_hybrid_neuron.cpu.cpu_features import has_amx, has_avx512_bf16
 from vllm_hybrid_neuron.cpu.batch import DecodeRows, PrefillRows, SpecRows, put, take
 from vllm_hybrid_neuron.cpu.layers.prefill_checkpoint import store_prefill_checkpoint
 from vllm_hybrid_neuron.ops import (
@@ -42,15 +42,16 @@ def vllm_bf16_prefill_kernel():
     """vLLM's own bf16 chunked gated-delta-rule CPU kernel when it is to be used for bf16
     prefills (see ``envs.gdn_prefill_kernel``), else None.
 
-    "auto" takes it only on CPUs with AMX tiles. Measured (benchmarks/bench_ops.py,
-    Qwen3.5-35B-A3B shapes, bf16, 2 threads): on an Intel Xeon with AMX 42 ms
-    against the plugin's 319 ms for 2048 tokens; on an AVX2 Zen 3 (no AVX-512) 1658 ms
-    against the plugin's 106 ms for 1024 tokens - there vLLM's kernel made a 1024-token
-    Qwen3.5 prefill twice as slow. The plugin's kernel stays the fp32 path and the
-    reference-tested fallback."""
+    "auto" takes it on CPUs with AMX tiles or AVX512-BF16. Measured (benchmarks/bench_ops.py,
+    Qwen3.5-35B-A3B shapes, bf16, 2 threads): on an Intel Xeon with AMX 42 ms against the
+    plugin's 319 ms for 2048 tokens; on an AMD Zen 4 (AVX512-BF16, no AMX) 26 ms against the
+    plugin's 71 ms for 1024 tokens (2026-12-07); on an AVX2 Zen 3 (no AVX-512) 1658 ms against
+    the plugin's 106 ms for 1024 tokens - there vLLM's kernel made a 1024-token Qwen3.5
+    prefill twice as slow. The plugin's kernel stays the fp32 path and the reference-tested
+    fallback."""
     choice = envs.gdn_prefill_kernel()
     kernel = vllm_seam.vllm_chunk_gated_delta_rule_cpu()
-    if choice == "plugin" or (choice == "auto" and (kernel is None or not _has_amx())):
+    if choice == "plugin" or (choice == "auto" and (kernel is None or not _fast_vllm_kernel())):
         return None
     if kernel is None:
         raise RuntimeError(f"{envs.GDN_PREFILL_ENV}=vllm: this vLLM build has no "
@@ -58,8 +59,9 @@ def vllm_bf16_prefill_kernel():
     return kernel
 
 
-def _has_amx() -> bool:
-    return has_amx()
+def _fast_vllm_kernel() -> bool:
+    """Whether vLLM's bf16 kernel outruns the plugin's on this CPU (AMX or AVX512-BF16)."""
+    return has_amx() or has_avx512_bf16()
 
 
 class PluginGatedDeltaNet(QwenGatedDeltaNetAttention):
