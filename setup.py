@@ -6,19 +6,17 @@ supports (AVX-512 > AVX2 > scalar) and compile for it. VHN_CPU_CAPABILITY=AVX2|D
 
 import os
 import platform
+import runpy
 
 from setuptools import setup
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def _cpu_flags() -> frozenset[str]:
+    """The build machine's CPU flags (the plugin's own reader; its package is not importable
+    before the build)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        "vllm_hybrid_neuron", "cpu", "cpu_features.py")
+    return runpy.run_path(path)["cpu_flags"]()
 
 
 def _capability() -> str:
