@@ -51,16 +51,25 @@ def onednn_bf16_matmul_available() -> bool:
         return False
 
 
-def plugin_linear_wanted() -> bool:
-    """Whether the plugin's model classes put their bf16 dense projections on ``bf16_linear``:
-    ``VLLM_HYBRID_NEURON_LINEAR`` = "plugin" / "vllm", or "auto" (default): where oneDNN has no
-    bf16 matmul, and where this build's kernel has AVX512-BF16 dot products and the CPU no AMX."""
+def linear_choice() -> tuple[bool, str]:
+    """Whether the plugin's model classes put their bf16 dense projections on ``bf16_linear``,
+    and why: ``VLLM_HYBRID_NEURON_LINEAR`` = "plugin" / "vllm", or "auto" (default): where oneDNN
+    has no bf16 matmul, and where this build's kernel has AVX512-BF16 dot products and the CPU
+    no AMX."""
     choice = envs.linear_kernel()
     if choice != "auto":
-        return choice == "plugin"
+        return choice == "plugin", f"{envs.LINEAR_ENV}={choice}"
     if not onednn_bf16_matmul_available():
-        return True
-    return kernel_isa() == "avx512_bf16" and not has_amx()
+        return True, "oneDNN has no bf16 matmul on this CPU"
+    if has_amx():
+        return False, "oneDNN's AMX bf16 matmul"
+    if kernel_isa() == "avx512_bf16":
+        return True, "AVX512-BF16 without AMX: streams decode-sized weights faster than oneDNN"
+    return False, f"this build's bf16_linear kernel is {kernel_isa()}, oneDNN bf16 works"
+
+
+def plugin_linear_wanted() -> bool:
+    return linear_choice()[0]
 
 
 class PluginLinear:
@@ -106,10 +115,11 @@ class Bf16EmbeddingMethod(UnquantizedEmbeddingMethod):
 
 def use_bf16_linear(model: nn.Module) -> int:
     """Before weights load: give every unquantised linear layer and LM head of ``model`` the
-    plugin's method (where ``plugin_linear_wanted``). Returns the number of layers."""
-    if not plugin_linear_wanted():
+    plugin's method (where ``linear_choice`` says so). Returns the number of layers."""
+    wanted, why = linear_choice()
+    if not wanted:
         logger.info("vllm-hybrid-neuron: dense projections stay on vLLM's CPU linear path "
-                    "(%s)", _why_not())
+                    "(%s)", why)
         return 0
     swaps = {UnquantizedLinearMethod: Bf16LinearMethod,
              UnquantizedEmbeddingMethod: Bf16EmbeddingMethod}
@@ -121,24 +131,8 @@ def use_bf16_linear(model: nn.Module) -> int:
             method.__class__ = plugin
             count += 1
     logger.info("vllm-hybrid-neuron: %d linear layers / LM head run bf16_linear (%s kernel) "
-                "when their weights are bf16 (%s)", count, kernel_isa(), _why())
+                "when their weights are bf16 (%s)", count, kernel_isa(), why)
     return count
-
-
-def _why() -> str:
-    if envs.linear_kernel() == "plugin":
-        return f"{envs.LINEAR_ENV}=plugin"
-    if not onednn_bf16_matmul_available():
-        return "oneDNN has no bf16 matmul on this CPU"
-    return "AVX512-BF16 without AMX: streams decode-sized weights faster than oneDNN"
-
-
-def _why_not() -> str:
-    if envs.linear_kernel() == "vllm":
-        return f"{envs.LINEAR_ENV}=vllm"
-    if has_amx():
-        return "oneDNN's AMX bf16 matmul"
-    return f"this build's bf16_linear kernel is {kernel_isa()}, oneDNN bf16 works"
 
 
 def _is_projection(module: nn.Module) -> bool:
