@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace vhn {
 
@@ -96,6 +97,15 @@ inline float hsum(const fVec& v) {
 
 inline float softplus(float x) { return x <= 20.f ? std::log1p(std::exp(x)) : x; }
 inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+
+// f(integral_constant<int, n>) for 1 <= n <= G.
+template <int G, typename F>
+inline void with_count(int64_t n, const F& f) {
+  if constexpr (G > 1) {
+    if (n < G) return with_count<G - 1>(n, f);
+  }
+  f(std::integral_constant<int, G>{});
+}
 
 // Dispatch on float / bfloat16 for an activation or state tensor.
 #define VHN_DISPATCH_FB(DT, NAME, ...)                                   \

@@ -15,6 +15,7 @@ from vllm_hybrid_neuron.ops.moe import (
     moe_experts_packed,
     moe_experts_packed_ref,
     moe_experts_ref,
+    pack_layout,
     pack_moe_weights,
     pack_step,
     unpack_moe_weights,
@@ -85,12 +86,14 @@ def test_token_result_does_not_depend_on_the_batch(dtype, K, inter):
         assert torch.equal(alone, batched[t:t + 1]), t
 
 
-def test_each_routing_weight_and_expert_is_used():
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_each_routing_weight_and_expert_is_used(wdtype):
     """One-hot experts: expert e scales its input by a known factor, so a wrong expert, slot or
-    routing weight shows as a wrong multiple."""
+    routing weight shows as a wrong multiple. bf16 weights (exact here) run the build's bf16
+    layout with fp32 tokens."""
     E, K, inter = 5, 16, 16
-    w13 = torch.zeros(E, 2 * inter, K)
-    w2 = torch.zeros(E, K, inter)
+    w13 = torch.zeros(E, 2 * inter, K, dtype=wdtype)
+    w2 = torch.zeros(E, K, inter, dtype=wdtype)
     for e in range(E):
         w13[e, :inter] = 20 * torch.eye(inter, K)  # gate: silu(20 x) ~ 20 x for x ~ 1
         w13[e, inter:] = torch.eye(inter, K)  # up: x
@@ -103,6 +106,16 @@ def test_each_routing_weight_and_expert_is_used():
     s = torch.nn.functional.silu(torch.tensor(20.0)).item()
     expected = torch.tensor([0.25 * 1 + 0.75 * 5, 3.0, 4.0]) * s
     torch.testing.assert_close(got, expected[:, None].expand(3, K))
+
+
+@pytest.mark.parametrize("M", [1, 6, 7, 64])
+def test_fp32_tokens_on_bf16_weights(M):
+    """fp32 tokens on bf16 weights: the kernel widens the weights (in the pair layout too)
+    and keeps the tokens and the intermediate in fp32."""
+    x, w13, w2, weights, ids = _inputs(M, 8, 100, 40, 2, torch.float32, seed=M)
+    w13, w2 = w13.bfloat16(), w2.bfloat16()
+    got, ref = _both(x, w13, w2, weights, ids)
+    assert_close(got, ref, torch.float32, name=f"fp32 tokens M{M}")
 
 
 @pytest.mark.parametrize("M", [1, 5, 40])
@@ -136,6 +149,11 @@ def test_bad_inputs_raise():
     with pytest.raises(RuntimeError, match="do not match"):  # packed for another ISA's k-step
         other = 32 if pack_step() == 16 else 16
         moe_experts_packed(out, x, *pack_moe_weights(w13, w2, step=other), weights, ids, 16)
+    xb, w13b, w2b = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
+    other = "panels" if pack_layout(torch.bfloat16) == "pairs" else "pairs"
+    with pytest.raises(RuntimeError, match="do not match"):  # bf16 packed in the other layout
+        moe_experts_packed(torch.empty_like(xb), xb, *pack_moe_weights(w13b, w2b, layout=other),
+                           weights, ids, 16)
     with pytest.raises(ValueError, match="activation='relu'"):
         moe_experts(out, x, w13, w2, weights, ids, "relu")
     empty = x[:0]
@@ -150,7 +168,7 @@ def test_pack_round_trip(step, E, K, inter):
     panel p (as the kernel reads them)."""
     g = torch.Generator().manual_seed(E * K + inter)
     w13, w2 = torch.randn(E, 2 * inter, K, generator=g), torch.randn(E, K, inter, generator=g)
-    w13p, w2p = pack_moe_weights(w13, w2, step=step)
+    w13p, w2p = pack_moe_weights(w13, w2, step=step, layout="panels")
     S = step or pack_step()
     Ip, Kp = -(-inter // S) * S, -(-K // S) * S
     assert w13p.shape == (E, Ip // 2, 4 * Kp) and w2p.shape == (E, -(-K // 4), 4 * Ip)
@@ -159,8 +177,43 @@ def test_pack_round_trip(step, E, K, inter):
     assert torch.equal(w13p[:, 0, 2 * S:2 * S + min(K, S)], w13[:, inter, :S])  # row 2: up 0
     assert w13p.abs().sum() == pytest.approx(w13.abs().sum().item(), rel=1e-6)  # only zeros added
     assert w2p.abs().sum() == pytest.approx(w2.abs().sum().item(), rel=1e-6)
-    back13, back2 = unpack_moe_weights(w13p, w2p, inter, K, step=step)
+    back13, back2 = unpack_moe_weights(w13p, w2p, inter, K, step=step, layout="panels")
     assert torch.equal(back13, w13) and torch.equal(back2, w2)
+
+
+@pytest.mark.parametrize("E,K,inter", [(3, 16, 17), (2, 70, 33), (4, 96, 40), (1, 5, 1)],
+                         ids=lambda v: str(v))
+def test_pair_layout_round_trip(E, K, inter):
+    """The pair layout (bf16 weights on AVX512-BF16 builds; packable anywhere): per tile and
+    k-pair, each column's (k, k + 1) elements side by side, the 32 gate columns before the 32
+    up columns; zero padding only; unpack inverts it."""
+    g = torch.Generator().manual_seed(E * K + inter)
+    w13, w2 = torch.randn(E, 2 * inter, K, generator=g), torch.randn(E, K, inter, generator=g)
+    w13v, w2v = pack_moe_weights(w13, w2, layout="pairs")
+    Ip, Kp, Kq = -(-inter // 32) * 32, -(-K // 32) * 32, -(-K // 64) * 64
+    assert w13v.shape == (E, Ip // 32, 64 * Kp) and w2v.shape == (E, Kq // 64, 64 * Ip)
+    kk = min(K, 2)
+    assert torch.equal(w13v[:, 0, 0:kk], w13[:, 0, :kk])  # gate column 0, k = 0, 1
+    assert torch.equal(w13v[:, 0, 64:64 + kk], w13[:, inter, :kk])  # up column 0
+    if inter > 1:
+        assert torch.equal(w13v[:, 0, 2:2 + kk], w13[:, 1, :kk])  # gate column 1
+    if K > 2:  # k-pair 1 of gate column 0 follows the 128 elements of k-pair 0
+        assert torch.equal(w13v[:, 0, 128:128 + min(K - 2, 2)], w13[:, 0, 2:min(K, 4)])
+    assert torch.equal(w2v[:, 0, 0:min(inter, 2)], w2[:, 0, :min(inter, 2)])  # output 0
+    if K > 1:
+        assert torch.equal(w2v[:, 0, 2:2 + min(inter, 2)], w2[:, 1, :min(inter, 2)])  # output 1
+    assert w13v.abs().sum() == pytest.approx(w13.abs().sum().item(), rel=1e-6)
+    assert w2v.abs().sum() == pytest.approx(w2.abs().sum().item(), rel=1e-6)
+    back13, back2 = unpack_moe_weights(w13v, w2v, inter, K, layout="pairs")
+    assert torch.equal(back13, w13) and torch.equal(back2, w2)
+
+
+def test_build_layout():
+    """bf16 weights take the pair layout exactly where the build has AVX512-BF16 dots."""
+    from vllm_hybrid_neuron.ops.bf16_linear import kernel_isa
+
+    assert pack_layout(torch.float32) == "panels"
+    assert (pack_layout(torch.bfloat16) == "pairs") == (kernel_isa() == "avx512_bf16")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -4,8 +4,10 @@
     expert_e(x) = (act(x @ w13[e, :I].T) * (x @ w13[e, I:].T)) @ w2[e].T
 
 ``w13`` (E, 2I, K) = [gate; up] and ``w2`` (E, K, I) are vLLM's layout. The C++ op streams them
-packed once (at load) by ``pack_moe_weights`` into panels of four rows, k-step-major
-(layout: csrc/moe_experts.cpp), so that a work item's weights are one contiguous stream.
+packed once (at load) by ``pack_moe_weights``, so that a work item's weights are one contiguous
+stream, in one of two layouts (``pack_layout``): "pairs" for bf16 weights where the build has
+AVX512-BF16 dot products (output columns across the vector lanes, two k per lane:
+csrc/moe_pairs.h), "panels" otherwise (four rows per panel, k-step-major: csrc/moe_experts.cpp).
 Routing (softmax, top-k, renormalisation, Gemma 4's scales) and the shared expert stay with the
 caller. The op accumulates in fp32 and rounds the intermediate act(gate) * up to ``x``'s dtype
 (as transformers' MLP does), and the result to ``x``'s dtype;
@@ -43,23 +45,69 @@ def pack_step() -> int:
     return int(ops.moe_pack_step())
 
 
+@functools.cache
+def _build_packs_bf16_pairs() -> bool:
+    require_c()
+    return bool(ops.moe_bf16_pairs())
+
+
+def pack_layout(dtype: torch.dtype) -> str:
+    """The layout this build's op reads weights of ``dtype`` in: "pairs" or "panels"."""
+    return "pairs" if dtype == torch.bfloat16 and _build_packs_bf16_pairs() else "panels"
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def pack_moe_weights(w13: torch.Tensor, w2: torch.Tensor,
-                     step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM's w13 (E, 2I, K) and w2 (E, K, I) -> (w13p (E, Ip/2, 4 Kp), w2p (E, ceil(K/4), 4 Ip)):
+# The pair layout: tiles of 32 intermediates (gate/up: 2 x 32 columns) and of 64 outputs (down);
+# I and K padded to 32, the down outputs to 64.
+PAIR_UP_COLS, PAIR_DOWN_COLS, PAIR_PAD = 32, 64, 32
+
+
+def _pack_pairs(w13: torch.Tensor, w2: torch.Tensor, inter: int):
+    """-> (w13v (E, Ip/32, [Kp/2, 2, 32, 2]), w2v (E, Kq/64, [Ip/2, 64, 2])), last dims flattened:
+    per tile and k-pair i, each column's (k = 2i, 2i+1) elements side by side (gate/up: the 32
+    gate columns, then the 32 up columns)."""
+    E, _, K = w13.shape
+    Ip, Kp, Kq = _round_up(inter, PAIR_PAD), _round_up(K, PAIR_PAD), _round_up(K, PAIR_DOWN_COLS)
+    pad13 = (0, Kp - K, 0, Ip - inter)
+    gu = torch.stack([F.pad(w13[:, :inter], pad13), F.pad(w13[:, inter:], pad13)], 1)  # (E,2,Ip,Kp)
+    gu = gu.view(E, 2, Ip // PAIR_UP_COLS, PAIR_UP_COLS, Kp // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    down = F.pad(w2, (0, Ip - inter, 0, Kq - K))  # (E, Kq, Ip)
+    down = down.view(E, Kq // PAIR_DOWN_COLS, PAIR_DOWN_COLS, Ip // 2, 2).permute(0, 1, 3, 2, 4)
+    return (gu.reshape(E, Ip // PAIR_UP_COLS, -1).contiguous(),
+            down.reshape(E, Kq // PAIR_DOWN_COLS, -1).contiguous())
+
+
+def _unpack_pairs(w13v: torch.Tensor, w2v: torch.Tensor, inter: int, hidden: int):
+    E, up_tiles, _ = w13v.shape
+    Ip, down_tiles = up_tiles * PAIR_UP_COLS, w2v.shape[1]
+    gu = w13v.view(E, up_tiles, -1, 2, PAIR_UP_COLS, 2).permute(0, 3, 1, 4, 2, 5)
+    gu = gu.reshape(E, 2, Ip, -1)[:, :, :inter, :hidden]  # (E, 2, I, K)
+    down = w2v.view(E, down_tiles, Ip // 2, PAIR_DOWN_COLS, 2).permute(0, 1, 3, 2, 4)
+    down = down.reshape(E, down_tiles * PAIR_DOWN_COLS, Ip)[:, :hidden, :inter]
+    return gu.reshape(E, 2 * inter, hidden).contiguous(), down.contiguous()
+
+
+def pack_moe_weights(w13: torch.Tensor, w2: torch.Tensor, step: int | None = None,
+                     layout: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's w13 (E, 2I, K) and w2 (E, K, I) -> the op's packed (w13p, w2p), 3-D as vLLM's MoE
+    kernel interface requires of expert weights, zero padded. ``layout``: default
+    ``pack_layout(w13.dtype)`` (the op reads only its build's); "pairs": ``_pack_pairs``.
+    "panels": (w13p (E, Ip/2, 4 Kp), w2p (E, ceil(K/4), 4 Ip)):
     one panel per row, each (Kp/S, 4, S) (resp. (Ip/S, 4, S)) flattened - 3-D as vLLM's MoE
     kernel interface requires of expert weights. S = ``step`` (default: this build's; the op
     reads only its own), Ip / Kp = I / K rounded up to S, zero padded. Gate/up panel p holds
     [gate 2p, gate 2p+1, up 2p, up 2p+1]."""
-    S = step or pack_step()
     E, two_i, K = w13.shape
     inter = two_i // 2
     if two_i % 2 or w2.shape != (E, K, inter):
         raise ValueError(f"moe weights: w13 {tuple(w13.shape)} (E, 2I, K) and w2 "
                          f"{tuple(w2.shape)} (E, K, I) do not match")
+    if (layout or pack_layout(w13.dtype)) == "pairs":
+        return _pack_pairs(w13, w2, inter)
+    S = step or pack_step()
     Ip, Kp, Kr = _round_up(inter, S), _round_up(K, S), _round_up(K, PANEL_ROWS)
     pad13 = (0, Kp - K, 0, Ip - inter)
     gate = F.pad(w13[:, :inter], pad13).view(E, Ip // 2, 2, Kp)
@@ -73,8 +121,11 @@ def pack_moe_weights(w13: torch.Tensor, w2: torch.Tensor,
 
 
 def unpack_moe_weights(w13p: torch.Tensor, w2p: torch.Tensor, inter: int, hidden: int,
-                       step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       step: int | None = None,
+                       layout: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of ``pack_moe_weights``: (w13 (E, 2I, K), w2 (E, K, I))."""
+    if (layout or pack_layout(w13p.dtype)) == "pairs":
+        return _unpack_pairs(w13p, w2p, inter, hidden)
     S = step or pack_step()
     E, half_ip, kp4 = w13p.shape
     Kp, Ip = kp4 // PANEL_ROWS, w2p.shape[2] // PANEL_ROWS

@@ -10,7 +10,8 @@ The default (``VLLM_HYBRID_NEURON_MOE`` unset, "auto", or "plugin"; "vllm" keeps
 With the weights packed once at load (``pack_moe_weights``: one contiguous stream per work item)
 the op is at vLLM's time at decode sizes (weight-streaming bound, within the machines'
 run-to-run noise) and 1.1-1.9x faster from 64 tokens per call - prefill, and tokens sharing
-experts in a speculative verification step (benchmarks/results/moe.md, 2026-12-07, AVX2). A
+experts in a speculative verification step (benchmarks/results/moe.md, 2026-12-07, AVX2);
+2.1-2.4x from 64 tokens per expert where VDPBF16PS runs it (benchmarks/results/zen4/moe.md). A
 token's result is bitwise independent of the other tokens in the call, so batching and
 speculation cannot move a greedy token through it.
 
