@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--native", action="store_true", help="VLLM_PLUGINS=none (vLLM's own path)")
     ap.add_argument("--compiled", action="store_true", help="vLLM's default compiled mode")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=16,
+                    help="prompt tokens per sequence (bench_serve's c=1 workload: 1024)")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--spec-drafts", type=int, default=0, help="ngram drafts per step (0: off)")
     ap.add_argument("--repetitive", action="store_true",
@@ -67,7 +69,8 @@ def main() -> None:
                       "a hidden state. ", add_special_tokens=False)["input_ids"]
         ids = [(passage * 12)[10 * i: 10 * i + 200] for i in range(args.batch)]
     else:
-        ids = [[(11 * i + j) % 500 + 10 for j in range(16)] for i in range(args.batch)]
+        ids = [[(11 * i + j) % 500 + 10 for j in range(args.prompt_len)]
+               for i in range(args.batch)]
     prompts = [TokensPrompt(prompt_token_ids=x) for x in ids]
 
     def decode(n):
@@ -110,6 +113,7 @@ def main() -> None:
     result = {
         "family": args.family, "path": "native" if args.native else "plugin",
         "mode": "compiled" if args.compiled else "eager", "batch": args.batch,
+        "prompt_len": args.prompt_len,
         "moe_env": os.environ.get("VLLM_HYBRID_NEURON_MOE", "auto"),
         "steps": args.steps, "spec_drafts": args.spec_drafts,
         "repetitive": args.repetitive, "spec_counters_cumulative": counters,
@@ -135,7 +139,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     spec_tag = f"-ngram{args.spec_drafts}" if args.spec_drafts else ""
     name = (f"step-overhead-{args.family}-{result['path']}-{result['mode']}-b{args.batch}"
-            f"{spec_tag}{'-rep' if args.repetitive else ''}.json")
+            f"{spec_tag}{'-rep' if args.repetitive else ''}"
+            f"{'' if args.prompt_len == 16 else f'-p{args.prompt_len}'}.json")
     (RESULTS / name).write_text(json.dumps(result, indent=1) + "\n")
     print(f"SUMMARY {args.family} {result['path']} {result['mode']} b{args.batch}: step "
           f"{result['step_ms']:.1f} ms unprofiled ({step_ms:.1f} profiled), "
