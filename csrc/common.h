@@ -65,15 +65,22 @@ inline fVec vload(const BFloat16* p, int64_t cnt) {
 inline void vstore(float* p, const fVec& v, int64_t cnt) {
   if (cnt == kVecF) v.store(p); else v.store(p, cnt);
 }
+// Rounded to nearest even as c10::BFloat16 rounds (at::vec's own fp32 -> bf16 conversion, one
+// vector at a time: convert_from_float(v, v) converted and packed both halves of a pair).
 inline void vstore(BFloat16* p, const fVec& v, int64_t cnt) {
+  if (cnt == kVecF) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
+#elif defined(CPU_CAPABILITY_AVX2)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_bf16(__m256(v)));
+#else
+    at::vec::convert_from_float<BFloat16>(v, v).store(p, kVecF);
+#endif
+    return;
+  }
   alignas(64) float tmp[kVecF];
   v.store(tmp);
-  if (cnt == kVecF) {
-    at::vec::Vectorized<BFloat16> b = at::vec::convert_from_float<BFloat16>(v, v);
-    b.store(p, kVecF);
-  } else {
-    for (int64_t i = 0; i < cnt; ++i) p[i] = BFloat16(tmp[i]);
-  }
+  for (int64_t i = 0; i < cnt; ++i) p[i] = BFloat16(tmp[i]);
 }
 
 // v rounded to S's precision, as storing it to an S slot and loading it back gives (identity

@@ -54,12 +54,14 @@ def test_against_reference(dtype, M, E, topk):
     assert_close(got, ref, dtype, name=f"M{M} E{E} top{topk}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
 @pytest.mark.parametrize("K,inter", [(16, 17), (70, 33), (1536, 512)], ids=lambda v: str(v))
-def test_activations_and_awkward_sizes(activation, K, inter):
-    x, w13, w2, weights, ids = _inputs(9, 6, K, inter, 2, torch.float32, seed=K + inter)
+def test_activations_and_awkward_sizes(activation, K, inter, dtype):
+    """bf16 runs the build's bf16 layout (pairs: vectorised activations)."""
+    x, w13, w2, weights, ids = _inputs(9, 6, K, inter, 2, dtype, seed=K + inter)
     got, ref = _both(x, w13, w2, weights, ids, activation)
-    assert_close(got, ref, torch.float32, name=f"{activation} K{K} I{inter}")
+    assert_close(got, ref, dtype, name=f"{activation} K{K} I{inter}")
 
 
 @pytest.mark.parametrize("M", [4, 64, 200])
