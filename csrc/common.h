@@ -114,6 +114,24 @@ inline void with_count(int64_t n, const F& f) {
   f(std::integral_constant<int, G>{});
 }
 
+// For each group of up to G of n rows, from row t0: dot(t0, M tag, acc) fills V acc[R][M] (R
+// values for each of the group's M rows), then emit(t0 + m, the R values of row t0 + m).
+template <int G, typename V, int R, typename Dot, typename Emit>
+inline void in_row_groups(int64_t n, const Dot& dot, const Emit& emit) {
+  for (int64_t t0 = 0; t0 < n; t0 += G) {
+    with_count<G>(std::min<int64_t>(G, n - t0), [&](auto m_tag) {
+      constexpr int M = decltype(m_tag)::value;
+      V acc[R][M];
+      dot(t0, m_tag, acc);
+      for (int m = 0; m < M; ++m) {
+        V row[R];
+        for (int r = 0; r < R; ++r) row[r] = acc[r][m];
+        emit(t0 + m, row);
+      }
+    });
+  }
+}
+
 // Dispatch on float / bfloat16 for an activation or state tensor.
 #define VHN_DISPATCH_FB(DT, NAME, ...)                                   \
   [&] {                                                                  \

@@ -103,18 +103,9 @@ inline void panel_dot(const float* const* x, const W* panel, int64_t steps,
 template <typename W, typename Emit>
 inline void panel_all_rows(const float* const* xs, int64_t rows, const W* panel, int64_t steps,
                            const Emit& emit) {
-  for (int64_t t0 = 0; t0 < rows; t0 += kTokenGroup) {
-    with_count<kTokenGroup>(std::min<int64_t>(kTokenGroup, rows - t0), [&](auto m_tag) {
-      constexpr int M = decltype(m_tag)::value;
-      float dots[kPanelRows][M];
-      panel_dot<M>(xs + t0, panel, steps, dots);
-      for (int m = 0; m < M; ++m) {
-        float d[kPanelRows];
-        for (int r = 0; r < kPanelRows; ++r) d[r] = dots[r][m];
-        emit(t0 + m, d);
-      }
-    });
-  }
+  in_row_groups<kTokenGroup, float, kPanelRows>(rows, [&](int64_t t0, auto m_tag, auto& dots) {
+    panel_dot<decltype(m_tag)::value>(xs + t0, panel, steps, dots);
+  }, emit);
 }
 
 // bf16 weights are packed in the pair layout (moe_pairs.h) where this build has AVX512-BF16

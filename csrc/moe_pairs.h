@@ -90,19 +90,9 @@ constexpr int kTokens = std::is_same<T, BFloat16>::value ? kPairTokens : kPairTo
 template <typename T, typename Emit>
 inline void tile_all_rows(const T* const* rows, int64_t n, const BFloat16* tile, int64_t pairs,
                           const Emit& emit) {
-  constexpr int G = kTokens<T>;
-  for (int64_t t0 = 0; t0 < n; t0 += G) {
-    with_count<G>(std::min<int64_t>(G, n - t0), [&](auto m_tag) {
-      constexpr int M = decltype(m_tag)::value;
-      __m512 acc[kTileVecs][M];
-      tile_dot<M>(rows + t0, tile, pairs, acc);
-      for (int m = 0; m < M; ++m) {
-        __m512 a[kTileVecs];
-        for (int v = 0; v < kTileVecs; ++v) a[v] = acc[v][m];
-        emit(t0 + m, a);
-      }
-    });
-  }
+  in_row_groups<kTokens<T>, __m512, kTileVecs>(n, [&](int64_t t0, auto m_tag, auto& acc) {
+    tile_dot<decltype(m_tag)::value>(rows + t0, tile, pairs, acc);
+  }, emit);
 }
 
 }  // namespace pairs
