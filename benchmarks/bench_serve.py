@@ -89,6 +89,12 @@ def serve_and_bench(model_dir: str, path: str, quick: bool, workloads=None) -> d
         assert ("MoE layers run the plugin's moe_experts op" in server.log()) == (
             plugin and path != "plugin-vllm-moe")
         bench_once(server, model_dir, 64, 16, 1, 2)  # warm-up
+        # and one request per prompt length measured: a server's first prefill of a length
+        # pays one-time costs (2026-12-08, Qwen3.5 plugin compiled, 1024-token prompts sent
+        # directly: 1690 ms first, 1429-1520 ms after), which --quick's single c=1 request
+        # otherwise put in its TTFT
+        for inp in sorted({inp for inp, _, _ in workloads}):
+            bench_once(server, model_dir, inp, 4, 1, 1)
         for inp, out, conc in workloads:
             num_prompts = conc * (1 if quick else 2)
             key = f"in{inp}-out{out}-c{conc}"
