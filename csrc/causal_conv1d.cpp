@@ -75,9 +75,9 @@ constexpr int64_t kTC = 32;  // tokens per prefill work item
 // Prefill. Work items are (sequence, kTC-token chunk), all channels, token by token: each
 // token's row is one sequential stream. (Until 2026-12-08 an item was one channel block over the
 // whole sequence, touching every token row at a stride of the row length: 14 ms per Qwen3.5 GDN
-// layer for 1024 tokens against vLLM's 2.4.) The conv has no recurrence: a chunk starts from the SL inputs before it (x rows, or the
-// cached state / zeros before the sequence's first token). The order of each output's sums is
-// the same as before (bias, then j = 0 .. W-1).
+// layer for 1024 tokens against vLLM's 2.4.) The conv has no recurrence: a chunk starts from
+// the SL inputs before it (x rows, or the cached state / zeros before the sequence's first
+// token). The order of each output's sums is the same as before (bias, then j = 0 .. W-1).
 template <typename T>
 void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                    at::Tensor& conv_states, const at::Tensor& qsl, const c10::optional<at::Tensor>& cache_indices,
@@ -120,23 +120,24 @@ void conv_fwd_impl(const at::Tensor& x, const at::Tensor& weight, const c10::opt
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     // vLLM runs models under InferenceMode; pool threads don't inherit it.
     c10::InferenceMode inference_guard;
-    std::vector<float> ring_buf(nblk * kMaxW * kCB + 16);
-    float* ring = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(ring_buf.data()) + 63) & ~uintptr_t(63));
+    std::vector<float> ring(nblk * kMaxW * kCB);  // block blk's rows at blk * kMaxW * kCB
     alignas(64) float res[kCB];
     for (int64_t i = begin; i < end; ++i) {
       const Item it = items[i];
-      // ring row r of block blk holds input position it.t0 - SL + r (mod W)
-      auto row_of = [&](int64_t blk, int64_t r) { return ring + (blk * kMaxW + r % W) * kCB; };
+      // ring row (r mod W) of a block holds input position it.t0 - SL + r
       for (int64_t blk = 0; blk < nblk; ++blk)
         for (int64_t j = 0; j < SL; ++j)
-          input_row(row_of(blk, j), it.s, it.t0 - SL + j, blk * kCB, std::min(kCB, dim - blk * kCB));
+          input_row(ring.data() + (blk * kMaxW + j) * kCB, it.s, it.t0 - SL + j, blk * kCB,
+                    std::min(kCB, dim - blk * kCB));
       for (int64_t t = it.t0; t < it.t1; ++t) {
-        const int64_t r0 = t - it.t0;  // ring row of position t - SL
+        int64_t slot[kMaxW];  // ring rows of positions t - SL .. t
+        for (int64_t j = 0; j < W; ++j) slot[j] = (t - it.t0 + j) % W;
         for (int64_t blk = 0; blk < nblk; ++blk) {
           const int64_t c0 = blk * kCB, nc = std::min(kCB, dim - c0);
-          load_row(row_of(blk, r0 + SL), xp + t * sxt + c0 * sxd, sxd, nc);
+          float* rows = ring.data() + blk * kMaxW * kCB;
+          load_row(rows + slot[SL] * kCB, xp + t * sxt + c0 * sxd, sxd, nc);
           float* win[kMaxW];
-          for (int64_t j = 0; j < W; ++j) win[j] = row_of(blk, r0 + j);
+          for (int64_t j = 0; j < W; ++j) win[j] = rows + slot[j] * kCB;
           conv_block(params[blk].w, params[blk].b, win, W, silu, res);
           store_row(op + t * sot + c0 * sod, res, sod, nc);
         }

@@ -237,6 +237,7 @@ void pair_stages(at::Tensor& out, const at::Tensor& x, const std::vector<int64_t
   // 3-4. down and the weighted sum: item q owns outputs 64q .. 64q+63 of every token and runs
   // the experts in order, so a token's sum is over its experts in expert order (fp32), and no
   // (S, K) buffer of expert outputs is needed (above ~32 MB each call's fresh pages cost ~15%).
+  T* op = out.data_ptr<T>();
   for_each_item(down_tiles, [&](int64_t q) {
     const int64_t n0 = q * kTileCols;
     std::vector<float> sum(M * kTileCols, 0.f);  // (M, 64)
@@ -252,7 +253,6 @@ void pair_stages(at::Tensor& out, const at::Tensor& x, const std::vector<int64_t
                                w, acc[v], _mm512_loadu_ps(st + v * kLanes)));
                        });
     }
-    T* op = out.data_ptr<T>();
     for (int64_t t = 0; t < M; ++t)
       for (int v = 0; v < kTileVecs; ++v) {
         const int64_t n = n0 + v * kLanes;

@@ -96,9 +96,8 @@ def pack_moe_weights(w13: torch.Tensor, w2: torch.Tensor, step: int | None = Non
     kernel interface requires of expert weights, zero padded. ``layout``: default
     ``pack_layout(w13.dtype)`` (the op reads only its build's); "pairs": ``_pack_pairs``.
     "panels": (w13p (E, Ip/2, 4 Kp), w2p (E, ceil(K/4), 4 Ip)):
-    one panel per row, each (Kp/S, 4, S) (resp. (Ip/S, 4, S)) flattened - 3-D as vLLM's MoE
-    kernel interface requires of expert weights. S = ``step`` (default: this build's; the op
-    reads only its own), Ip / Kp = I / K rounded up to S, zero padded. Gate/up panel p holds
+    one panel per row, each (Kp/S, 4, S) (resp. (Ip/S, 4, S)) flattened. S = ``step`` (default:
+    this build's; the op reads only its own), Ip / Kp = I / K rounded up to S. Gate/up panel p holds
     [gate 2p, gate 2p+1, up 2p, up 2p+1]."""
     E, two_i, K = w13.shape
     inter = two_i // 2
